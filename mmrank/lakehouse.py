@@ -1,0 +1,178 @@
+"""Delta I/O for the table contracts: every write is one atomic Delta commit, idempotent per run_date.
+
+- `replace(name, df, where)`: `replaceWhere` overwrite of exactly the rows matching `where` (a date, a stage).
+- `merge(name, df)`: upsert on the table's keys; rows whose `content_hash` is unchanged are left untouched.
+- `overwrite(name, df)`: whole-table replacement in one commit (readers see the old or the new version).
+Schemas are enforced on write: a DataFrame must carry exactly the contract's columns (castable types).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from delta.tables import DeltaTable
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mmrank.config import MMRankConfig
+from mmrank.tables import TableSpec, spec
+
+
+class SchemaMismatch(ValueError):
+    """A DataFrame does not match a table contract (missing or unexpected columns)."""
+
+
+def sql_date(d: dt.date | str) -> str:
+    """A validated ISO date literal for SQL predicates (no injection through run_date)."""
+    return dt.date.fromisoformat(str(d)).isoformat()
+
+
+class Lakehouse:
+    """Resolves logical table names to Delta locations and performs contract-checked writes."""
+
+    def __init__(self, spark: SparkSession, cfg: MMRankConfig):
+        self.spark = spark
+        self.cfg = cfg
+        st = cfg.storage
+        self.root = cfg.resolve_path(st.root) if st.kind == "path" else None
+        if st.kind == "metastore":
+            prefix = f"{st.catalog}.{st.schema_}" if st.catalog else st.schema_
+            spark.sql(f"CREATE SCHEMA IF NOT EXISTS {prefix}")
+            self._prefix = prefix
+
+    # ---- naming -------------------------------------------------------------------------------------
+    def location(self, name: str) -> str:
+        """Folder of a path-based table (local), or the metastore identifier (cluster)."""
+        spec(name)
+        if self.root is not None:
+            return str(self.root / name)
+        return f"{self._prefix}.{name}"
+
+    def ident(self, name: str) -> str:
+        """SQL identifier usable in spark.sql / DeltaTable.forName."""
+        loc = self.location(name)
+        return f"delta.`{loc}`" if self.root is not None else loc
+
+    def _delta(self, name: str) -> DeltaTable:
+        if self.root is not None:
+            return DeltaTable.forPath(self.spark, self.location(name))
+        return DeltaTable.forName(self.spark, self.location(name))
+
+    # ---- reads --------------------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        if self.root is not None:
+            return DeltaTable.isDeltaTable(self.spark, self.location(name))
+        return self.spark.catalog.tableExists(self.location(name))
+
+    def ensure(self, name: str) -> None:
+        """Create the table empty with its contract schema if it does not exist yet."""
+        if self.exists(name):
+            return
+        t = spec(name)
+        b = DeltaTable.createIfNotExists(self.spark).addColumns(t.schema)
+        b = b.location(self.location(name)) if self.root is not None else b.tableName(self.location(name))
+        if t.partition_by:
+            b = b.partitionedBy(*t.partition_by)
+        b.execute()
+
+    def read(self, name: str, version: int | None = None) -> DataFrame:
+        self.ensure(name)
+        if self.root is not None:
+            r = self.spark.read.format("delta")
+            if version is not None:
+                r = r.option("versionAsOf", version)
+            return r.load(self.location(name))
+        if version is not None:
+            return self.spark.read.option("versionAsOf", version).table(self.location(name))
+        return self.spark.table(self.location(name))
+
+    def version(self, name: str) -> int | None:
+        if not self.exists(name):
+            return None
+        return int(self._delta(name).history(1).select("version").first()[0])
+
+    # ---- contract ---------------------------------------------------------------------------------
+    def conform(self, name: str, df: DataFrame) -> DataFrame:
+        """Select the contract's columns in order, cast to its types; fail naming missing/extra columns."""
+        t: TableSpec = spec(name)
+        have, want = set(df.columns), t.columns
+        missing, extra = [c for c in want if c not in have], sorted(have - set(want))
+        if missing or extra:
+            raise SchemaMismatch(f"{name}: missing columns {missing}, unexpected columns {extra}")
+        return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in t.schema.fields])
+
+    # ---- writes -----------------------------------------------------------------------------------
+    def _writer(self, name: str, df: DataFrame, mode: str):
+        w = df.write.format("delta").mode(mode)
+        t = spec(name)
+        if t.partition_by:
+            w = w.partitionBy(*t.partition_by)
+        return w
+
+    def _save(self, name: str, w) -> None:
+        if self.root is not None:
+            w.save(self.location(name))
+        else:
+            w.saveAsTable(self.location(name))
+
+    def replace(self, name: str, df: DataFrame, where: str) -> None:
+        """Atomically replace the rows matching `where` (e.g. run_date = '2026-11-21') with `df`."""
+        self.ensure(name)
+        self._save(name, self._writer(name, self.conform(name, df), "overwrite").option("replaceWhere", where))
+
+    def replace_date(self, name: str, df: DataFrame, run_date: dt.date | str, extra: str = "") -> None:
+        where = f"run_date = DATE'{sql_date(run_date)}'" + (f" AND {extra}" if extra else "")
+        self.replace(name, df, where)
+
+    def overwrite(self, name: str, df: DataFrame) -> None:
+        """Replace the whole table in one commit."""
+        self.ensure(name)
+        self._save(name, self._writer(name, self.conform(name, df), "overwrite"))
+
+    def append(self, name: str, df: DataFrame) -> None:
+        self.ensure(name)
+        self._save(name, self._writer(name, self.conform(name, df), "append"))
+
+    def merge(self, name: str, df: DataFrame, delete_missing: Column | None = None) -> None:
+        """Upsert `df` on the table's keys. With a `content_hash` column, unchanged rows are not rewritten."""
+        self.ensure(name)
+        t = spec(name)
+        src = self.conform(name, df)
+        cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in t.keys)
+        m = self._delta(name).alias("t").merge(src.alias("s"), cond)
+        if "content_hash" in t.columns:
+            m = m.whenMatchedUpdateAll(condition="NOT (t.content_hash <=> s.content_hash)")
+        else:
+            m = m.whenMatchedUpdateAll()
+        m = m.whenNotMatchedInsertAll()
+        if delete_missing is not None:
+            m = m.whenNotMatchedBySourceDelete(condition=delete_missing)
+        m.execute()
+
+    # ---- shared helpers ---------------------------------------------------------------------------
+    def quarantine(self, df: DataFrame, stage: str, run_date: dt.date | str) -> int:
+        """Replace this (run_date, stage)'s quarantine rows with `df` (record_id, reason, payload).
+
+        Returns the number of quarantined rows. Payloads are truncated to 200 characters.
+        """
+        rows = df.select(
+            F.lit(sql_date(run_date)).cast("date").alias("run_date"), F.lit(stage).alias("stage"),
+            F.col("record_id").cast("string"), F.col("reason").cast("string"),
+            F.substring(F.col("payload").cast("string"), 1, 200).alias("payload"),
+        ).cache()
+        n = rows.count()
+        self.replace_date("quarantine", rows, run_date, extra=f"stage = '{_safe_name(stage)}'")
+        rows.unpersist()
+        return n
+
+    def work_path(self, *parts: str) -> Path:
+        """A scratch folder under storage.work_dir (petastorm cache, checkpoints, ...)."""
+        p = self.cfg.resolve_path(self.cfg.storage.work_dir).joinpath(*parts)
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+
+def _safe_name(s: str) -> str:
+    if not s.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"stage name {s!r} must be alphanumeric with _ or -")
+    return s
