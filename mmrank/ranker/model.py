@@ -1,0 +1,136 @@
+"""FusionRanker: scores (query, product) pairs from text / image / audio features with missing-modality masks.
+
+Architecture (all sizes from TrainConf):
+- per-modality projections `Linear -> LayerNorm -> GELU` to `proj_dim` for product text/image/audio and
+  query text/audio; inputs of absent modalities are zeroed *before* projection and their outputs masked;
+- query representation q = masked mean of the present query modalities (0 if none);
+- fusion `concat`: MLP over [z_text*m_t, z_image*m_i, z_audio*m_a, m] (the design-notes baseline);
+  fusion `gated`: weights w_m = softmax over *present* modalities of gate([q, z_m]) + per-modality bias,
+  absent modalities weight 0 (all 0 when no modality is present); fused = sum_m w_m z_m;
+- scorer MLP on [q, fused, q*fused] with dropout -> one score per slot.
+
+Modalities: product modalities outside `cfg.modalities` are masked out everywhere (single-modality models
+use the same code). Query modalities are always used: a query is the information need, not a feature
+under study. In training mode, `cfg.modality_dropout` masks each present product modality with that
+probability, never all present modalities of an item (one survivor is then chosen at random).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmrank.config import TrainConf
+from mmrank.ranker.batch import PRODUCT_MODALITIES, QUERY_MODALITIES, Batch, ModalityDims
+
+N_PRODUCT_MODALITIES = len(PRODUCT_MODALITIES)
+
+
+def _projection(in_dim: int, out_dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.GELU())
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero `x[..., :]` where `mask` (shape x.shape[:-1]) is 0; robust to NaN/inf in masked inputs."""
+    return torch.where(mask.unsqueeze(-1) > 0, x, torch.zeros_like(x))
+
+
+class FusionRanker(nn.Module):
+    """Multimodal ranker. `forward(batch) -> scores [B, L]` for the batch contract of `mmrank.ranker.batch`."""
+
+    def __init__(self, dims: ModalityDims, cfg: TrainConf):
+        super().__init__()
+        if not cfg.modalities:
+            raise ValueError("train.modalities must name at least one of text, image, audio")
+        self.dims, self.cfg = dims, cfg
+        p = cfg.proj_dim
+        self.product_proj = nn.ModuleDict({m: _projection(dims.of(m), p) for m in PRODUCT_MODALITIES})
+        self.query_proj = nn.ModuleDict({m: _projection(dims.of(m), p) for m in QUERY_MODALITIES})
+        if cfg.fusion == "concat":
+            self.fusion = _mlp(N_PRODUCT_MODALITIES * (p + 1), cfg.hidden_dim, p, cfg.dropout)
+        else:
+            self.gate = _mlp(2 * p, cfg.hidden_dim, 1, 0.0)
+            self.gate_bias = nn.Parameter(torch.zeros(N_PRODUCT_MODALITIES))
+        self.scorer = _mlp(3 * p, cfg.hidden_dim, 1, cfg.dropout)
+        self.register_buffer("allowed", torch.tensor([float(m in cfg.modalities) for m in PRODUCT_MODALITIES]),
+                             persistent=False)
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities`; no modality dropout)."""
+        q_mask = batch["q_mask"]
+        q_parts = torch.stack([_masked(self.query_proj[m](_masked(batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
+                               for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
+        q = q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        mask = batch["p_mask"] * self.allowed
+        z = torch.stack([self.product_proj[m](_masked(batch[f"p_{m}"], mask[..., i]))
+                         for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
+        return q, _masked(z, mask), mask
+
+    def _gate_weights(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        qe = q[:, None, None, :].expand_as(z)
+        logits = self.gate(torch.cat([qe, z], dim=-1)).squeeze(-1) + self.gate_bias     # [B, L, 3]
+        logits = logits.masked_fill(mask <= 0, torch.finfo(logits.dtype).min)
+        return torch.softmax(logits, dim=-1) * (mask > 0)
+
+    def fuse(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, P] fused product representation for the given (possibly occluded) mask."""
+        z = _masked(z, mask)
+        if self.cfg.fusion == "concat":
+            return self.fusion(torch.cat([z.flatten(start_dim=2), mask], dim=-1))
+        return (self._gate_weights(q, z, mask).unsqueeze(-1) * z).sum(dim=2)
+
+    def score(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] scores from encoded inputs under `mask`."""
+        fused = self.fuse(q, z, mask)
+        qe = q.unsqueeze(1).expand_as(fused)
+        return self.scorer(torch.cat([qe, fused, qe * fused], dim=-1)).squeeze(-1)
+
+    def modality_dropout(self, mask: torch.Tensor) -> torch.Tensor:
+        """Drop each present modality with prob `cfg.modality_dropout` (global torch RNG); an item that would
+        lose every modality keeps one of its present modalities, chosen uniformly."""
+        if self.cfg.modality_dropout <= 0:
+            return mask
+        u = torch.rand(mask.shape, device=mask.device)
+        dropped = mask * (u >= self.cfg.modality_dropout).to(mask.dtype)
+        one = torch.zeros_like(mask).scatter_(-1, (u * mask).argmax(-1, keepdim=True), 1.0) * mask
+        return torch.where(dropped.sum(-1, keepdim=True) > 0, dropped, one)
+
+    # ---- public -------------------------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Scores [B, L]; padding slots get a finite but meaningless score."""
+        q, z, mask = self.encode(batch)
+        if self.training:
+            mask = self.modality_dropout(mask)
+        return self.score(q, z, mask)
+
+    @torch.no_grad()
+    def contributions(self, batch: Batch) -> torch.Tensor:
+        """[B, L, 3] occlusion contributions: score(all present) - score(modality m masked) for each present
+        product modality m, 0 for absent ones. Computed in eval mode (no dropout), so deterministic. They do
+        not sum to the score in general (interactions between modalities are not attributed)."""
+        was_training = self.training
+        self.eval()
+        try:
+            q, z, mask = self.encode(batch)
+            full = self.score(q, z, mask)
+            out = torch.zeros_like(mask)
+            for i in range(N_PRODUCT_MODALITIES):
+                occluded = mask.clone()
+                occluded[..., i] = 0.0
+                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded), 0.0)
+            return out
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def gate_weights(self, batch: Batch) -> torch.Tensor:
+        """[B, L, 3] query-conditioned modality weights of the gated fusion (sum 1 over present modalities,
+        0 for absent ones). ValueError for concat fusion."""
+        if self.cfg.fusion != "gated":
+            raise ValueError("gate_weights needs fusion='gated'")
+        q, z, mask = self.encode(batch)
+        return self._gate_weights(q, z, mask)
