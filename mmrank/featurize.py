@@ -1,0 +1,195 @@
+"""Stage `featurize`: embed changed products and queries with the configured encoders, MERGE into Delta.
+
+Inputs per (table, modality) (a null input = no row for that modality, not an error):
+  - products: text  = the non-empty `features.text.product_fields` (default title, brand, category,
+                      description) joined by `features.text.separator` (default " | ");
+              image = `image_bytes`; audio = `audio_bytes`.
+  - queries:  text  = `query_text` (typed queries; voice queries only if they carry a non-blank transcript);
+              audio = `query_audio` (voice queries, WAV bytes).
+Each feature row's `content_hash` = sha256(encoder version | sha256(that modality's input)), so a new title
+re-encodes the text only, and a new encoder version re-encodes that modality only. Rows whose hash is
+already in the feature table are skipped; the rest go through one `mapInPandas` (encoders loaded once per
+Python worker, Arrow batches split into `batch_size` model batches, torch threads = cores per Spark task).
+Items the encoder rejects (corrupt image, empty/unreadable audio, empty/over-long text) become quarantine
+rows for (run_date, featurize); feature rows of products/queries or modalities that disappeared, or whose
+new content failed to encode, are deleted by the same MERGE.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Callable, Iterator
+
+import pandas as pd
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from mmrank.config import FeaturesConf, MMRankConfig
+from mmrank.encoders import get_encoder
+from mmrank.encoders.device import set_threads
+from mmrank.lakehouse import Lakehouse, sql_date
+from mmrank.runs import track_stage
+
+log = logging.getLogger("mmrank.featurize")
+
+STAGE = "featurize"
+FEATURE_TABLES = {"products": ("product_features", "product_id"), "queries": ("query_features", "query_id")}
+MODALITIES = {"products": ("text", "image", "audio"), "queries": ("text", "audio")}
+ENCODE_SCHEMA = ("source string, id string, modality string, content_hash string, "
+                 "embedding array<float>, error string")
+PAYLOAD_CHARS = 200
+
+
+def _nonblank(c: str) -> Column:
+    return F.nullif(F.trim(F.col(c)), F.lit(""))
+
+
+def product_text(cfg: FeaturesConf) -> Column:
+    """The product text template: non-empty product_fields joined by the separator ('' if all are empty)."""
+    return F.concat_ws(cfg.text.separator, *[_nonblank(c) for c in cfg.text.product_fields])
+
+
+def _inputs(source: str, modality: str, cfg: FeaturesConf) -> tuple[Column | None, Column | None]:
+    """(text input, bytes input) columns of one (source table, modality)."""
+    if source == "products":
+        return {"text": (product_text(cfg), None), "image": (None, F.col("image_bytes")),
+                "audio": (None, F.col("audio_bytes"))}[modality]
+    if modality == "text":
+        typed = (F.col("kind") == "typed") | _nonblank("query_text").isNotNull()
+        return F.when(F.col("query_text").isNotNull() & typed, F.col("query_text")), None
+    return None, F.col("query_audio")
+
+
+def candidates(lh: Lakehouse, source: str, versions: dict[str, str]) -> DataFrame:
+    """Every (id, modality) of `source` that has an input, with its input and content hash."""
+    cfg, key = lh.cfg.features, FEATURE_TABLES[source][1]
+    df = lh.read(source)
+    parts = []
+    for m in MODALITIES[source]:
+        text, data = _inputs(source, m, cfg)
+        payload = text if text is not None else data
+        parts.append(df.select(
+            F.lit(source).alias("source"), F.col(key).alias("id"), F.lit(m).alias("modality"),
+            (text if text is not None else F.lit(None).cast("string")).alias("text"),
+            (data if data is not None else F.lit(None).cast("binary")).alias("data"),
+            F.sha2(F.concat_ws("|", F.lit(versions[m]), F.sha2(payload, 256)), 256).alias("content_hash"),
+        ).where(payload.isNotNull()))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out.unionByName(p)
+    return out
+
+
+def task_threads(cfg: FeaturesConf) -> int:
+    """torch threads for this Spark task: features.torch_threads, else the task's CPUs (spark.task.cpus)."""
+    if cfg.torch_threads:
+        return cfg.torch_threads
+    from pyspark import TaskContext
+
+    tc = TaskContext.get()
+    return max(1, tc.cpus()) if tc is not None else 1
+
+
+def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
+    """The `mapInPandas` function: (source, id, modality, text, data, content_hash) -> ENCODE_SCHEMA rows.
+
+    Runs in Spark Python workers: encoders come from the per-process cache (loaded once per worker).
+    """
+    def _run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        set_threads(task_threads(cfg))
+        for pdf in batches:
+            for modality, part in pdf.groupby("modality", sort=False):
+                enc = get_encoder(modality, cfg)
+                items = part["text" if modality == "text" else "data"].tolist()
+                vecs, errors = enc.encode_safe(items)
+                yield pd.DataFrame({
+                    "source": part["source"].to_numpy(), "id": part["id"].to_numpy(), "modality": modality,
+                    "content_hash": part["content_hash"].to_numpy(), "embedding": vecs, "error": errors})
+    return _run
+
+
+def encode_frame(df: DataFrame, cfg: FeaturesConf, n_partitions: int) -> DataFrame:
+    """Encode a candidates DataFrame through mapInPandas (the Spark batch-inference path)."""
+    df = df.repartition(max(1, n_partitions)).sortWithinPartitions("modality")
+    return df.mapInPandas(encode_batches(cfg), ENCODE_SCHEMA)
+
+
+def _payload() -> Column:
+    return F.coalesce(F.substring("text", 1, PAYLOAD_CHARS),
+                      F.concat(F.lit("<"), F.length("data").cast("string"), F.lit(" bytes>")))
+
+
+def _lookup(mapping: dict[str, str]) -> Column:
+    """Map the `modality` column through a small Python dict."""
+    return F.create_map(*[F.lit(x) for kv in mapping.items() for x in kv])[F.col("modality")]
+
+
+def _feature_rows(encoded: DataFrame, source: str, key: str, encoders: dict, run_date: dt.date) -> DataFrame:
+    return encoded.where((F.col("source") == source) & F.col("error").isNull()).select(
+        F.col("id").alias(key), "modality", "embedding", F.size("embedding").alias("dim"),
+        _lookup({m: e.name for m, e in encoders.items()}).alias("encoder"),
+        _lookup({m: e.version for m, e in encoders.items()}).alias("encoder_version"), "content_hash",
+        F.lit(sql_date(run_date)).cast("date").alias("run_date"))
+
+
+def _merge_features(lh: Lakehouse, source: str, encoded: DataFrame, cands: DataFrame, encoders: dict,
+                    run_date: dt.date, counts: dict[str, int]) -> None:
+    """MERGE new embeddings; delete rows whose input disappeared or changed without a new embedding.
+
+    The source is new rows + still-current existing rows (identical content_hash, so left untouched);
+    target rows absent from it are deleted. Skipped when nothing was encoded and nothing is stale.
+    """
+    table, key = FEATURE_TABLES[source]
+    n_new = sum(v for k, v in counts.items() if k.startswith(f"encoded_{source}_"))
+    n_kept = sum(v for k, v in counts.items() if k.startswith(f"unchanged_{source}_"))
+    if n_new == 0 and lh.read(table).count() == n_kept:
+        return
+    new = _feature_rows(encoded, source, key, encoders, run_date)
+    kept = lh.read(table).join(cands.select(F.col("id").alias(key), "modality", "content_hash"),
+                               [key, "modality", "content_hash"], "left_semi")
+    lh.merge(table, new.unionByName(kept.select(*new.columns)), delete_missing=F.lit(True))
+
+
+def run(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
+    """Embed what changed since the last run; returns counts (encoded / unchanged per source and modality)."""
+    cfg = lh.cfg.features
+    encoders = {m: get_encoder(m, cfg) for m in ("text", "image", "audio")}
+    versions = {m: e.version for m, e in encoders.items()}
+    with track_stage(lh, STAGE, run_date, inputs=("products", "queries"),
+                     outputs=("product_features", "query_features", "quarantine")) as rec:
+        rec.model_version = ";".join(f"{m}={v}" for m, v in versions.items())
+        rec.counts.update({f"{k}_{s}_{m}": 0 for k in ("attempted", "unchanged", "encoded")
+                           for s, ms in MODALITIES.items() for m in ms})
+        cands = {s: candidates(lh, s, versions) for s in FEATURE_TABLES}
+        marked = None
+        for s, (table, key) in FEATURE_TABLES.items():
+            have = lh.read(table).select(F.col(key).alias("id"), "modality", "content_hash",
+                                         F.lit(True).alias("_have"))
+            m = cands[s].join(have, ["id", "modality", "content_hash"], "left")
+            marked = m if marked is None else marked.unionByName(m)
+        for (s, m, unchanged, n) in marked.groupBy(
+                "source", "modality", F.col("_have").isNotNull()).count().collect():
+            rec.counts[f"{'unchanged' if unchanged else 'attempted'}_{s}_{m}"] = n
+        todo = marked.where(F.col("_have").isNull()).drop("_have")
+        n_todo = sum(v for k, v in rec.counts.items() if k.startswith("attempted_"))
+        min_batch = min(getattr(cfg, m).batch_size for m in versions)
+        n_parts = min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch))
+        encoded = encode_frame(todo, cfg, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            for (s, m, ok, n) in encoded.groupBy("source", "modality", F.col("error").isNull()).count().collect():
+                if ok:
+                    rec.counts[f"encoded_{s}_{m}"] = n
+            for s, (table, key) in FEATURE_TABLES.items():
+                _merge_features(lh, s, encoded, cands[s], encoders, run_date, rec.counts)
+            bad = encoded.where(F.col("error").isNotNull()).join(
+                todo.select("source", "id", "modality", "text", "data"), ["source", "id", "modality"])
+            rec.counts["quarantined"] = lh.quarantine(bad.select(
+                F.concat_ws(":", "source", "id", "modality").alias("record_id"),
+                F.col("error").alias("reason"), _payload().alias("payload")), STAGE, run_date)
+        finally:
+            encoded.unpersist()
+        rec.counts["encoded"] = sum(v for k, v in rec.counts.items() if k.startswith("encoded_"))
+        rec.counts["unchanged"] = sum(v for k, v in rec.counts.items() if k.startswith("unchanged_"))
+        log.info("featurize %s: %s", run_date, rec.counts)
+        return dict(rec.counts)
