@@ -77,7 +77,7 @@ def _train_epoch(model: nn.Module, data: Iterable[Batch], opt: torch.optim.Optim
     loss_sum, n = 0.0, 0
     for batch in data:
         batch = _to(batch, device)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()  # set_to_none is the default; Horovod 0.28 accepts no argument
         loss = loss_fn(model(batch), batch["grades"])
         loss.backward()
         opt.step()

@@ -1,0 +1,204 @@
+"""Training backends behind one call: `train_with_backend(lh, train_cfg, dims, ...) -> TrainOutcome`.
+
+- `local`: one process, the driver (rank 0 of 1).
+- `horovod`: `horovod.spark.run` starts `num_proc` Spark tasks (gloo on CPU; NCCL when Horovod was built with
+  it and GPUs are visible); `hvd.DistributedOptimizer` averages gradients, `hvd.allreduce` sums metrics.
+- `torch_distributor`: `pyspark.ml.torch.distributor.TorchDistributor(local_mode=True)` runs `num_proc`
+  torchrun processes; DistributedDataParallel (gloo on CPU, nccl on GPU), `all_reduce` sums metrics.
+
+Every backend runs the same `run_worker` on each rank: same initial weights (seeded and broadcast), same
+per-rank loaders (`mmrank.distributed.loaders`), same `mmrank.ranker.fit.fit`. What crosses process
+boundaries is plain data: a `WorkerJob` (TrainConf dump, dims, loader specs, checkpoint dir) in and, from
+rank 0, a `WorkerResult` (state_dict as numpy arrays + FitResult) back. Rank 0 checkpoints every epoch to
+`checkpoint_dir`; `resume=True` continues from the last checkpoint there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mmrank.config import TrainConf
+from mmrank.distributed.loaders import LoaderSpec, make_loader, prepare_specs
+from mmrank.lakehouse import Lakehouse
+from mmrank.ranker.batch import ModalityDims
+from mmrank.ranker.fit import FitResult, build_model, fit
+from mmrank.ranker.model import FusionRanker
+
+log = logging.getLogger("mmrank")
+
+
+@dataclass(frozen=True)
+class WorkerJob:
+    """What every rank needs; picklable (no Spark, no lakehouse)."""
+
+    train: dict[str, Any]           # TrainConf.model_dump()
+    dims: ModalityDims
+    train_spec: LoaderSpec
+    val_spec: LoaderSpec
+    checkpoint_dir: str | None = None
+    resume: bool = False
+
+
+@dataclass
+class WorkerResult:
+    """Rank 0's trained weights (numpy, so no torch pickling across processes) and fit outcome."""
+
+    state: dict[str, np.ndarray]
+    fit: FitResult
+
+
+@dataclass
+class TrainOutcome:
+    model: FusionRanker
+    fit: FitResult
+    backend: str
+    world_size: int
+    data_loader: str
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def _device(local_rank: int) -> torch.device:
+    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def run_worker(job: WorkerJob, rank: int = 0, world_size: int = 1, *,
+               prepare: Callable[[FusionRanker], torch.nn.Module] | None = None,
+               device: torch.device | None = None, **fit_hooks: Any) -> WorkerResult | None:
+    """Train on this rank; returns the result on rank 0, None elsewhere.
+
+    `prepare(model)` returns the module to train (e.g. DDP-wrapped, or broadcast in place); `fit_hooks` are
+    `wrap_optimizer` / `allreduce` passed to `fit`.
+    """
+    cfg = TrainConf.model_validate(job.train)
+    model = build_model(job.dims, cfg).to(device or torch.device("cpu"))
+    trained = prepare(model) if prepare is not None else model
+    train_loader = make_loader(job.train_spec, rank, world_size)
+    val_loader = make_loader(job.val_spec, rank, world_size)
+    result = fit(trained, train_loader.epoch_batches, val_loader.epoch_batches, cfg, rank=rank,
+                 world_size=world_size, checkpoint_dir=job.checkpoint_dir, resume=job.resume, **fit_hooks)
+    if rank != 0:
+        return None
+    return WorkerResult({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}, result)
+
+
+# ---- per-backend worker entry points (top-level functions: pickled to Spark tasks / torchrun) ----------
+def horovod_worker(job: WorkerJob) -> WorkerResult | None:
+    """One Horovod rank (runs inside a Spark task)."""
+    import horovod.torch as hvd
+
+    torch.set_num_threads(1)
+    hvd.init()
+    device = _device(hvd.local_rank())
+
+    held: dict[str, FusionRanker] = {}
+
+    def prepare(model: FusionRanker) -> FusionRanker:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        held["model"] = model
+        return model
+
+    def wrap_optimizer(opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        # A fresh Adam is identical on every rank and a resumed one is loaded from the same checkpoint by
+        # every rank; broadcasting an empty state would take a zero-gradient step (which moves the weights
+        # through weight decay), so only non-empty state is broadcast.
+        if opt.state_dict()["state"]:
+            hvd.broadcast_optimizer_state(opt, root_rank=0)
+        return hvd.DistributedOptimizer(opt, named_parameters=held["model"].named_parameters())
+
+    try:
+        return run_worker(job, hvd.rank(), hvd.size(), prepare=prepare, device=device,
+                          wrap_optimizer=wrap_optimizer, allreduce=lambda t: hvd.allreduce(t, op=hvd.Sum))
+    finally:
+        hvd.shutdown()
+
+
+def torch_distributor_worker(job: WorkerJob) -> WorkerResult | None:
+    """One torchrun rank started by TorchDistributor (RANK/WORLD_SIZE/MASTER_* come from torchrun)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)  # noqa: E731
+        out = run_worker(job, dist.get_rank(), dist.get_world_size(), prepare=ddp, device=device,
+                         allreduce=_sum)
+        # TorchDistributor (local mode) keeps whichever rank's return value is written last: every rank
+        # returns rank 0's result.
+        box = [out]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- launchers (driver) -----------------------------------------------------------------------------------
+def _launch_local(job: WorkerJob, num_proc: int) -> WorkerResult:
+    """In the driver, with one intra-op thread like every distributed rank (comparable throughput; also
+    avoids thread oversubscription next to Spark on a small machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_worker(job, 0, 1)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _launch_horovod(job: WorkerJob, num_proc: int) -> WorkerResult:
+    import horovod.spark
+
+    results = horovod.spark.run(horovod_worker, args=(job,), num_proc=num_proc, use_gloo=True, verbose=0)
+    return results[0]
+
+
+def _launch_torch_distributor(job: WorkerJob, num_proc: int) -> WorkerResult:
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    dist = TorchDistributor(num_processes=num_proc, local_mode=True, use_gpu=torch.cuda.is_available())
+    return dist.run(torch_distributor_worker, job)
+
+
+Launcher = Callable[[WorkerJob, int], WorkerResult]
+BACKENDS: dict[str, Launcher] = {
+    "local": _launch_local,
+    "horovod": _launch_horovod,
+    "torch_distributor": _launch_torch_distributor,
+}
+
+
+def world_size_of(backend: str, num_proc: int) -> int:
+    return 1 if backend == "local" else num_proc
+
+
+def train_with_backend(lh: Lakehouse, train_cfg: TrainConf, dims: ModalityDims, *, backend: str | None = None,
+                       data_loader: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
+                       resume: bool = False) -> TrainOutcome:
+    """Train a FusionRanker on `training_lists` (train / validation splits) with `backend` (default
+    `train_cfg.backend`) on `train_cfg.num_proc` processes; returns rank 0's best model in eval mode."""
+    backend = backend or train_cfg.backend
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    kind = data_loader or train_cfg.data_loader
+    world = world_size_of(backend, train_cfg.num_proc)
+    with prepare_specs(lh, train_cfg, dims, world, kind=kind) as specs:
+        job = WorkerJob(train_cfg.model_dump(mode="json"), dims, specs["train"], specs["validation"],
+                        str(checkpoint_dir) if checkpoint_dir else None, resume)
+        log.info("training with backend %s on %d process(es), data loader %s", backend, world, kind)
+        out = BACKENDS[backend](job, world)
+    model = FusionRanker(dims, train_cfg)
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in out.state.items()})
+    model.eval()
+    return TrainOutcome(model, out.fit, backend, world, kind)
