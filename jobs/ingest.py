@@ -1,0 +1,34 @@
+"""Ingest a source into products, queries, query_log and judgments: the generated sample, the fashion catalog
+or your own catalog + judgments files (see docs/data.md for the formats)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmrank.cli import job_parser, run_job  # noqa: E402
+from mmrank.data import ingest  # noqa: E402
+
+
+def parser():
+    p = job_parser(__doc__)
+    p.add_argument("--source", choices=("sample", "fashion", "byo"), default="sample")
+    p.add_argument("--catalog", help="byo: catalog CSV/Parquet (product_id, title, ...)")
+    p.add_argument("--judgments", help="byo: judgments CSV/Parquet (query_id or query, product_id, grade)")
+    p.add_argument("--name", help="byo: source name (default: catalog file name)")
+    p.add_argument("--limit", type=int, help="fashion: ingest only the first N products (by id)")
+    return p
+
+
+def main(lh, args):
+    kw = {}
+    if args.source == "byo":
+        if not args.catalog:
+            raise SystemExit("--source byo needs --catalog PATH")
+        kw = {"catalog": args.catalog, "judgments": args.judgments, "name": args.name}
+    elif args.source == "fashion":
+        kw = {"limit": args.limit}
+    return ingest.run(lh, args.run_date, source=args.source, **kw)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(parser(), main))
