@@ -1,0 +1,188 @@
+"""Ranking quality benchmark: the `evaluate` stage on (a) the generated sample and (b) the fashion images.
+
+    python bench/quality.py                       # ~300 products / ~150 queries, seeds 13
+    python bench/quality.py --n-products 600 --n-queries 300 --seeds 13 14 15
+    python bench/quality.py --skip-fashion
+
+Each dataset gets a fresh lakehouse under `--root`; the pipeline is generate/ingest/labels (or the fashion
+ingestion) -> featurize -> training_lists -> train (artifact `fusion`) -> evaluate once per model seed (the
+query split is fixed by `--split-seed`). Prints one Markdown table per dataset (mean and, with several seeds,
+sd over seeds) and the headline comparisons. Metrics also land in each lakehouse's `metrics` table and report.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from mmrank.cli import setup_logging  # noqa: E402
+from mmrank.config import load_config  # noqa: E402
+from mmrank.eval_report import markdown_table, metric_label  # noqa: E402
+from mmrank.lakehouse import Lakehouse  # noqa: E402
+
+log = logging.getLogger("mmrank")
+FUSED = ("fusion", "gated_fusion", "concat_fusion")
+SINGLE = ("text_only", "image_only", "audio_only")
+SPLIT_DOC = {"test": "grades = training labels", "test_judgments": "same test lists graded by judgments"}
+
+
+def _lakehouse(root: Path, args, extra: list[str]) -> Lakehouse:
+    from mmrank.spark import get_spark
+
+    if root.exists() and not args.reuse:
+        shutil.rmtree(root)
+    sets = [f"storage.root={root}", f"storage.raw_dir={root}/_landing", f"storage.artifacts_dir={root}/_artifacts",
+            f"storage.reports_dir={root}/_reports", f"storage.work_dir={root}/_work",
+            f"train.seed={args.split_seed}", "train.backend=local", *extra, *args.set]
+    cfg = load_config(args.conf, sets)
+    return Lakehouse(get_spark(cfg), cfg)
+
+
+def _prepare(lh: Lakehouse, dataset: str, run_date: dt.date, args) -> None:
+    """Data -> features -> lists -> train. With --reuse, data and features already in the lakehouse are kept."""
+    from mmrank import featurize, training_lists
+
+    t0 = time.perf_counter()
+    if not (args.reuse and lh.exists("labels")):
+        if dataset == "sample":
+            from mmrank.data import build_sample_lakehouse
+
+            build_sample_lakehouse(lh, run_date)
+        else:
+            from mmrank import labels
+            from mmrank.data.fashion import ingest_fashion
+
+            ingest_fashion(lh, run_date, limit=args.fashion_limit)
+            labels.run(lh, run_date)
+        log.info("bench: %s data ready in %.0fs", dataset, time.perf_counter() - t0)
+    if not (args.reuse and lh.exists("product_features") and lh.read("product_features").limit(1).count()):
+        featurize.run(lh, run_date)
+    log.info("bench: lists %s", training_lists.run(lh, run_date))
+    try:
+        from mmrank import train
+
+        log.info("bench: train %s", train.run(lh, run_date, backend="local"))
+    except Exception as e:  # the artifact model is optional for the benchmark; say why it is missing
+        log.warning("bench: train stage failed (%s: %s); `fusion` artifact not evaluated", type(e).__name__, e)
+
+
+def _evaluate(lh: Lakehouse, dataset: str, run_date: dt.date, seeds: list[int]) -> tuple[pd.DataFrame, list]:
+    from mmrank import evaluate
+
+    frames, notes = [], []
+    for seed in seeds:
+        cfg = lh.cfg.model_copy(update={"train": lh.cfg.train.model_copy(update={"seed": seed})})
+        # the split is stored in training_lists: changing train.seed here only changes model init/shuffling
+        run_lh = Lakehouse(lh.spark, cfg)
+        name = f"{dataset}_seed{seed}"
+        evaluate.run(run_lh, run_date, dataset=name)
+        rows = run_lh.read("metrics").where(f"dataset = '{name}'").toPandas()
+        frames.append(rows.assign(seed=seed))
+        notes.append(cfg.resolve_path(cfg.storage.reports_dir) / run_date.isoformat() / f"evaluation_{name}.md")
+    return pd.concat(frames), notes
+
+
+def summary(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """model x metric table of `mean` (or `mean ± sd` over seeds), models in a fixed order."""
+    rows = rows.assign(label=[metric_label(m, k) for m, k in zip(rows["metric"], rows["k"])])
+    g = rows.groupby(["model_name", "label"])["value"]
+    mean = g.mean().unstack()
+    order = [m for m in (*FUSED, *SINGLE, "lightgbm_lambdamart", "similarity") if m in mean.index]
+    cols = [c for c in ("ndcg@5", "ndcg@10", "dcg@10", "map", "mrr") if c in mean.columns]
+    return mean.loc[order, cols], g.std().unstack().loc[order, cols]
+
+
+def _with_sd(mean: pd.DataFrame, sd: pd.DataFrame, n_seeds: int) -> str:
+    if n_seeds == 1:
+        return markdown_table(mean)
+    txt = mean.copy().astype(object)
+    for c in mean.columns:
+        txt[c] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(mean[c], sd[c].fillna(0))]
+    head = "| model | " + " | ".join(mean.columns) + " |"
+    return "\n".join([head, "|---|" + "---:|" * len(mean.columns),
+                      *("| " + n + " | " + " | ".join(r) + " |" for n, r in txt.iterrows())])
+
+
+def headline(mean: pd.DataFrame) -> list[str]:
+    col = "ndcg@10"
+    out = []
+    fused = [m for m in ("gated_fusion", "concat_fusion", "fusion") if m in mean.index]
+    single = [m for m in SINGLE if m in mean.index]
+    if fused and single:
+        bs = max(single, key=lambda m: mean.loc[m, col])
+        for f in fused:
+            d = mean.loc[f, col] - mean.loc[bs, col]
+            out.append(f"- {f} vs best single modality ({bs}): NDCG@10 {mean.loc[f, col]:.4f} vs "
+                       f"{mean.loc[bs, col]:.4f} ({'+' if d >= 0 else ''}{d:.4f}) -> "
+                       f"{'fusion better' if d > 0 else 'fusion NOT better'}")
+    if "lightgbm_lambdamart" in mean.index and fused:
+        bf = max(fused, key=lambda m: mean.loc[m, col])
+        d = mean.loc["lightgbm_lambdamart", col] - mean.loc[bf, col]
+        out.append(f"- lightgbm_lambdamart vs best fusion ({bf}): NDCG@10 "
+                   f"{mean.loc['lightgbm_lambdamart', col]:.4f} vs {mean.loc[bf, col]:.4f} "
+                   f"({'+' if d >= 0 else ''}{d:.4f})")
+    return out
+
+
+def bench_dataset(dataset: str, args, extra_sets: list[str]) -> str:
+    run_date = args.run_date
+    lh = _lakehouse(Path(args.root) / dataset, args, extra_sets)
+    t0 = time.perf_counter()
+    _prepare(lh, dataset, run_date, args)
+    rows, reports = _evaluate(lh, dataset, run_date, args.seeds)
+    n_lists = dict(lh.read("training_lists").groupBy("split").count().collect())
+    out = [f"## {dataset}: {n_lists.get('test', 0)} test queries (train {n_lists.get('train', 0)}, "
+           f"validation {n_lists.get('validation', 0)}); split seed {args.split_seed}; model seeds {args.seeds}; "
+           f"loss {lh.cfg.train.loss}; list_size {lh.cfg.train.list_size}; {time.perf_counter() - t0:.0f}s", ""]
+    for split, part in rows.groupby("split"):  # test, then test_judgments
+        mean, sd = summary(part)
+        out += [f"### {dataset} / {split} ({SPLIT_DOC.get(split, split)})", "",
+                _with_sd(mean, sd, len(args.seeds)), "", *headline(mean), ""]
+    return "\n".join(out + ["reports: " + ", ".join(str(p) for p in reports), ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--conf", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--root", default="/tmp/mmrank_quality", help="fresh lakehouses are created under here")
+    p.add_argument("--n-products", type=int, default=300)
+    p.add_argument("--n-queries", type=int, default=150)
+    p.add_argument("--seeds", type=int, nargs="+", default=[13], help="model seeds (init, shuffling, LightGBM)")
+    p.add_argument("--split-seed", type=int, default=13, help="train.seed used for the query split")
+    p.add_argument("--run-date", type=dt.date.fromisoformat, default=dt.date(2026, 11, 21))
+    p.add_argument("--reuse", action="store_true", help="keep an existing lakehouse under --root: data and features "
+                   "already there are not rebuilt (lists, train and evaluation always run)")
+    p.add_argument("--skip-sample", action="store_true")
+    p.add_argument("--skip-fashion", action="store_true")
+    p.add_argument("--fashion-limit", type=int, default=None, help="use only this many fashion products")
+    args = p.parse_args(argv)
+    setup_logging(False)
+    out = []
+    if not args.skip_sample:
+        out.append(bench_dataset("sample", args, [f"generator.n_products={args.n_products}",
+                                                  f"generator.n_queries={args.n_queries}"]))
+    if not args.skip_fashion:
+        fashion_dir = load_config(args.conf, args.set).resolve_path(load_config(args.conf, args.set)
+                                                                   .ingest.fashion_dir)
+        if not (fashion_dir / "styles.csv").exists():
+            out.append(f"### fashion: skipped, no data at {fashion_dir} (styles.csv missing)\n")
+        else:
+            try:
+                out.append(bench_dataset("fashion", args, []))
+            except NotImplementedError:
+                out.append("### fashion: skipped, mmrank.data.fashion.ingest_fashion is not implemented yet\n")
+    print("\n" + "\n".join(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

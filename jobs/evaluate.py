@@ -1,0 +1,23 @@
+"""Job: NDCG/DCG/MAP/MRR on the test split for the trained model and the baselines -> metrics + report."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmrank.cli import job_parser, run_job  # noqa: E402
+
+
+def main(lh, args):
+    from mmrank import evaluate
+
+    return evaluate.run(lh, args.run_date, dataset=args.dataset)
+
+
+def parser():
+    p = job_parser("Offline evaluation of the fusion ranker vs single-modality, LightGBM and similarity models.")
+    p.add_argument("--dataset", default="sample", help="dataset name recorded in metrics and report files")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(parser(), main))

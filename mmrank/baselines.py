@@ -1,0 +1,101 @@
+"""Non-neural baselines scored on the batch contract: similarity (unsupervised) and LightGBM LambdaMART.
+
+Both return scores `[B, L]` (numpy) for a batch; padding slots get -inf (metrics rank padding last anyway).
+
+LightGBM features per (query, product) pair, chosen so the trees see the same information as the fusion
+model: the cosine similarities query-text/product-text and query-audio/product-audio, the 5 modality masks,
+and every raw embedding (query text/audio, product text/image/audio) reduced by a PCA fitted on the training
+split only (`evaluate.lgbm_pca_dim` components each). Grades are rounded to integers for LambdaMART.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sklearn.decomposition import PCA
+
+from mmrank.config import EvaluateConf
+from mmrank.ranker.batch import PAD_GRADE, Batch
+
+log = logging.getLogger("mmrank")
+
+_EMBEDDINGS = ("q_text", "q_audio", "p_text", "p_image", "p_audio")
+_MAX_LABEL = 30  # LightGBM's default label_gain covers grades 0..30
+
+
+def _np(t) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+def _real(batch: Batch) -> np.ndarray:
+    return _np(batch["grades"]) != PAD_GRADE
+
+
+def cosine(batch: Batch, modality: str) -> np.ndarray:
+    """[B, L] cosine between the query's and each product's `modality` embedding (0 when either is absent)."""
+    q, p = _np(batch[f"q_{modality}"]), _np(batch[f"p_{modality}"])
+    qn = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+    pn = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
+    return np.einsum("bd,bld->bl", qn, pn)
+
+
+def similarity_scores(batch: Batch) -> np.ndarray:
+    """Unsupervised baseline: text cosine; a voice query (no query text) falls back to audio cosine."""
+    has_text = _np(batch["q_mask"])[:, :1] > 0
+    s = np.where(has_text, cosine(batch, "text"), cosine(batch, "audio"))
+    return np.where(_real(batch), s, -np.inf)
+
+
+class LambdaMART:
+    """`lightgbm.LGBMRanker(objective="lambdarank")` on cosine + mask + PCA-embedding pair features."""
+
+    def __init__(self, cfg: EvaluateConf, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.pca: dict[str, PCA | None] = {}
+        self.model = None
+
+    def _fit_pca(self, batch: Batch) -> None:
+        real = _real(batch)
+        for name in _EMBEDDINGS:
+            x = _np(batch[name])
+            x = x[real.any(axis=1)] if x.ndim == 2 else x[real]
+            n = min(self.cfg.lgbm_pca_dim, x.shape[1], max(len(x) - 1, 1))
+            self.pca[name] = PCA(n, random_state=self.seed).fit(x) if n < x.shape[1] and len(x) > n else None
+
+    def features(self, batch: Batch) -> np.ndarray:
+        """[B * L, F] pair features in row-major slot order."""
+        B, L = batch["grades"].shape
+        cols = [cosine(batch, "text")[..., None], cosine(batch, "audio")[..., None], _np(batch["p_mask"]),
+                np.broadcast_to(_np(batch["q_mask"])[:, None, :], (B, L, 2))]
+        for name in _EMBEDDINGS:
+            x = _np(batch[name])
+            flat = x.reshape(-1, x.shape[-1])
+            red = self.pca[name].transform(flat) if self.pca.get(name) is not None else flat
+            red = red.reshape(*x.shape[:-1], red.shape[-1])
+            cols.append(np.broadcast_to(red[:, None, :], (B, L, red.shape[-1])) if x.ndim == 2 else red)
+        return np.concatenate(cols, axis=-1).reshape(B * L, -1)
+
+    def _xyg(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        real = _real(batch).reshape(-1)
+        y = np.clip(np.rint(_np(batch["grades"])), 0, _MAX_LABEL).astype(int).reshape(-1)
+        return self.features(batch)[real], y[real], _real(batch).sum(axis=1)
+
+    def fit(self, train: Batch, val: Batch | None = None) -> "LambdaMART":
+        import lightgbm as lgb
+
+        self._fit_pca(train)
+        x, y, g = self._xyg(train)
+        self.model = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed, verbose=-1,
+                                    **self.cfg.lgbm_params)
+        kw: dict = {}
+        if val:
+            xv, yv, gv = self._xyg(val)
+            kw = dict(eval_set=[(xv, yv)], eval_group=[gv[gv > 0]], eval_at=[max(self.cfg.ks)],
+                      callbacks=[lgb.early_stopping(self.cfg.lgbm_early_stopping, verbose=False)])
+        self.model.fit(x, y, group=g[g > 0], **kw)
+        return self
+
+    def scores(self, batch: Batch) -> np.ndarray:
+        B, L = batch["grades"].shape
+        s = self.model.predict(self.features(batch)).reshape(B, L)
+        return np.where(_real(batch), s, -np.inf)
