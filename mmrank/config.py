@@ -187,9 +187,9 @@ class TrainConf(_Section):
     modality_dropout: float = Field(0.1, ge=0, lt=1)
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(32, ge=1)
-    max_epochs: int = Field(30, ge=1)
-    patience: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1, description="lists per optimizer step (global, across ranks)")
+    max_epochs: int = Field(100, ge=1)
+    patience: int = Field(15, ge=1, description="epochs without validation NDCG@10 gain before stopping")
     seed: int = 13
     split: dict[str, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
     data_loader: Literal["petastorm", "parquet"] = "petastorm"

@@ -149,6 +149,7 @@ def _merge_features(lh: Lakehouse, source: str, encoded: DataFrame, cands: DataF
     kept = lh.read(table).join(cands.select(F.col("id").alias(key), "modality", "content_hash"),
                                [key, "modality", "content_hash"], "left_semi")
     lh.merge(table, new.unionByName(kept.select(*new.columns)), delete_missing=F.lit(True))
+    log.info("featurize %s: committed %s", run_date, table)
 
 
 def run(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
@@ -175,6 +176,7 @@ def run(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
         n_todo = sum(v for k, v in rec.counts.items() if k.startswith("attempted_"))
         min_batch = min(getattr(cfg, m).batch_size for m in versions)
         n_parts = min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch))
+        log.info("featurize %s: encoding %d new or changed items in %d partition(s)", run_date, n_todo, n_parts)
         encoded = encode_frame(todo, cfg, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
         try:
             for (s, m, ok, n) in encoded.groupBy("source", "modality", F.col("error").isNull()).count().collect():

@@ -8,6 +8,7 @@ Schemas are enforced on write: a DataFrame must carry exactly the contract's col
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ from mmrank.tables import TableSpec, spec
 
 
 log = logging.getLogger("mmrank.lakehouse")
+
+
+WALL_CLOCK_COLUMNS = ("ingested_at", "started_at", "finished_at", "duration_s")
 
 
 class ConcurrentWriteError(RuntimeError):
@@ -96,6 +100,37 @@ class Lakehouse:
         if version is not None:
             return self.spark.read.option("versionAsOf", version).table(self.location(name))
         return self.spark.table(self.location(name))
+
+    def checksum(self, name: str, exclude: tuple[str, ...] | list[str] = ()) -> str:
+        """Order-independent sha256 of the table's current rows (a multiset hash: row order, file layout and
+        Delta version do not matter; any changed, added, removed or duplicated row does).
+
+        Wall-clock columns (`WALL_CLOCK_COLUMNS`: ingested_at, started_at, finished_at, duration_s) and
+        `exclude` are left out. Each row is serialised to canonical JSON (maps as sorted entries), hashed, and
+        the row hashes are summed as integers in Spark, so nothing is collected to the driver."""
+        df = self.read(name)
+        skip = set(WALL_CLOCK_COLUMNS) | set(exclude)
+        unknown = sorted(set(exclude) - set(df.columns))
+        if unknown:
+            raise KeyError(f"{name}: cannot exclude unknown columns {unknown}")
+        cols = []
+        for f in df.schema.fields:
+            if f.name in skip:
+                continue
+            c = F.col(f"`{f.name}`")
+            if f.dataType.typeName() == "map":
+                c = F.array_sort(F.map_entries(c))
+            elif f.dataType.typeName() == "binary":
+                c = F.sha2(c, 256)
+            cols.append(c.alias(f.name))
+        h = F.sha2(F.to_json(F.struct(*cols)), 256)
+        # four 60-bit slices of each row hash, summed exactly as decimals: commutative, so order-independent
+        sums = [F.sum(F.conv(F.substring(h, 1 + 15 * i, 15), 16, 10).cast("decimal(38,0)")).alias(f"s{i}")
+                for i in range(4)]
+        r = df.agg(F.count(F.lit(1)).alias("n"), *sums).first()
+        blob = f"{name}|{sorted(c.name for c in df.schema.fields if c.name not in skip)}|{r['n']}|" + \
+            "|".join(str(r[f"s{i}"] or 0) for i in range(4))
+        return hashlib.sha256(blob.encode()).hexdigest()
 
     def version(self, name: str) -> int | None:
         if not self.exists(name):

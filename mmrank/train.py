@@ -88,6 +88,8 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
         "samples_per_sec": out.fit.samples_per_sec,
     }
     version = save_artifact(out.model, meta, lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir))
+    log.info("train %s: saved model artifact %s (best epoch %d of %d)", run_date, version, out.fit.best_epoch + 1,
+             out.fit.epochs_run)
     shutil.rmtree(ckpt, ignore_errors=True)
     return out, version
 

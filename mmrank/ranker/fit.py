@@ -12,6 +12,7 @@ continues exactly as the uninterrupted one (data callables must themselves depen
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -28,6 +29,8 @@ from mmrank.ranker.batch import Batch, ModalityDims, iterate_batches
 from mmrank.ranker.losses import LossFn, get_loss
 from mmrank.ranker.metrics import has_relevant, per_list_metrics
 from mmrank.ranker.model import FusionRanker
+
+log = logging.getLogger("mmrank.fit")
 
 VAL_KS = (5, 10)
 VAL_METRIC = "ndcg@10"   # early stopping and best-weights selection
@@ -197,6 +200,10 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
                     "best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_state,
                     "best_metrics": best_metrics, "history": history, "stopped": stopped,
                     "rng": torch.get_rng_state()})
+            if rank == 0:
+                log.info("epoch %d/%d done: train_loss %.4f val_%s %.4f%s", epoch + 1, cfg.max_epochs,
+                         record["train_loss"], VAL_METRIC, metrics[VAL_METRIC],
+                         ", checkpoint saved" if ckpt_path is not None else "")
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
     model.load_state_dict(best_state)

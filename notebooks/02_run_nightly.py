@@ -1,0 +1,79 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # mmrank: run the nightly stages interactively
+# MAGIC Runs the nightly pipeline (or a subset of its stages) for one run date, exactly as `jobs/nightly.py`
+# MAGIC does: stages that already succeeded for the date are skipped unless `rerun` or `from_stage` says so.
+# MAGIC Progress is printed per stage; the runs table records every stage.
+# MAGIC
+# MAGIC Widgets: `conf`, `overrides`, `run_date`, `stages` (comma list or `all`), `from_stage`, `rerun`,
+# MAGIC `force_train` (`true`/`false`).
+
+# COMMAND ----------
+
+# Parameters: Databricks widgets; locally (no dbutils) the defaults below, or MMRANK_* environment variables.
+import datetime as dt
+import os
+
+try:
+    dbutils  # noqa: F821  (a Databricks global)
+except NameError:
+    dbutils = None
+
+try:
+    display  # noqa: F821  (a Databricks global)
+except NameError:
+    def display(obj):  # local fallback: print a preview
+        print(obj.limit(20).toPandas() if hasattr(obj, "toPandas") else obj)
+
+
+def param(name, default, label=None):
+    if dbutils is not None:
+        dbutils.widgets.text(name, default, label or name)
+        return dbutils.widgets.get(name)
+    return os.environ.get(f"MMRANK_{name.upper()}", default)
+
+CONF = param("conf", "", "config file")
+OVERRIDES = param("overrides", "", "overrides k=v;k=v")
+RUN_DATE = dt.date.fromisoformat(param("run_date", dt.date.today().isoformat(), "run date"))
+STAGES = param("stages", "all", "stages (comma list or all)")
+FROM_STAGE = param("from_stage", "", "force from this stage") or None
+RERUN = param("rerun", "false", "rerun all (true/false)").lower() == "true"
+FORCE_TRAIN = param("force_train", "false", "force training (true/false)").lower() == "true"
+
+# COMMAND ----------
+
+from mmrank.nightly import open_lakehouse
+
+lh = open_lakehouse(CONF or None, [o.strip() for o in OVERRIDES.split(";")])
+print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.location("runs").rsplit(".", 1)[0])
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Status before
+
+# COMMAND ----------
+
+from mmrank import nightly
+
+display(nightly.stage_table(lh, RUN_DATE))
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Run
+
+# COMMAND ----------
+
+opts = nightly.NightlyOptions(rerun=RERUN, from_stage=FROM_STAGE, force_train=FORCE_TRAIN)
+result = nightly.run_nightly(lh, RUN_DATE, opts, stages=nightly.select_stages(STAGES))
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Status after, and where the outputs are
+
+# COMMAND ----------
+
+display(nightly.stage_table(lh, RUN_DATE))
+print(result.summary())

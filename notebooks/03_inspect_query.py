@@ -1,0 +1,71 @@
+# Databricks notebook source
+# MAGIC %md
+# MAGIC # mmrank: inspect one query's ranking
+# MAGIC The top products the nightly run stored in `ranking_scores` for one query, with their images and the
+# MAGIC per-modality contributions (occlusion: score with all modalities minus score with that modality masked).
+# MAGIC
+# MAGIC Widgets: `conf`, `overrides`, `run_date`, `query_id` (empty = the first scored query), `top_n`.
+
+# COMMAND ----------
+
+# Parameters: Databricks widgets; locally (no dbutils) the defaults below, or MMRANK_* environment variables.
+import datetime as dt
+import os
+
+try:
+    dbutils  # noqa: F821  (a Databricks global)
+except NameError:
+    dbutils = None
+
+try:
+    display  # noqa: F821  (a Databricks global)
+except NameError:
+    def display(obj):  # local fallback: print a preview
+        print(obj.limit(20).toPandas() if hasattr(obj, "toPandas") else obj)
+
+
+def param(name, default, label=None):
+    if dbutils is not None:
+        dbutils.widgets.text(name, default, label or name)
+        return dbutils.widgets.get(name)
+    return os.environ.get(f"MMRANK_{name.upper()}", default)
+
+CONF = param("conf", "", "config file")
+OVERRIDES = param("overrides", "", "overrides k=v;k=v")
+RUN_DATE = dt.date.fromisoformat(param("run_date", dt.date.today().isoformat(), "run date"))
+QUERY_ID = param("query_id", "", "query id")
+TOP_N = int(param("top_n", "10", "products shown"))
+
+# COMMAND ----------
+
+from mmrank.nightly import open_lakehouse
+
+lh = open_lakehouse(CONF or None, [o.strip() for o in OVERRIDES.split(";")])
+print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.location("runs").rsplit(".", 1)[0])
+
+# COMMAND ----------
+
+from mmrank import report
+
+QUERY_ID = QUERY_ID or report.first_scored_query(lh, RUN_DATE)
+ranking = report.query_ranking(lh, RUN_DATE, QUERY_ID, n=TOP_N)
+display(ranking.drop(columns=["image_bytes"]))
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Images and modality contributions
+
+# COMMAND ----------
+
+fig = report.plot_query_ranking(ranking, title=f"{QUERY_ID}: {report.query_text(lh, QUERY_ID)} ({RUN_DATE})")
+display(fig)
+
+# COMMAND ----------
+
+# MAGIC %md
+# MAGIC ## Contribution summary of the whole run date
+
+# COMMAND ----------
+
+display(report.contribution_summary(report.scores_frame(lh, RUN_DATE)))

@@ -1,0 +1,185 @@
+"""Issue #8, part 2: SIGKILL the real job processes (`python jobs/X.py`) mid-run; afterwards every table is
+readable at a consistent Delta version, and a re-run gives exactly the tables of an uninterrupted run.
+
+One lakehouse R is prepared in-process (generate, ingest, labels) and copied to R2; R2 runs featurize ->
+training_lists -> train -> score uninterrupted (in-process, the reference). On R, the jobs run as subprocesses
+and are killed (whole process group: driver, JVM, Python workers -- nothing gets to clean up) when a chosen
+progress line appears on their stdout:
+
+1. featurize, at "encoding ... items"            -> before any commit
+2. featurize, at "committed product_features"    -> between its two table commits
+3. train,     at "epoch 1/N done ... checkpoint saved" (mid-training; resume from the checkpoint)
+4. score,     at "stage score ... started" + a short delay (before its single commit)
+After each kill the re-run (in-process, same functions the job calls) must produce checksums equal to R2's.
+Four JVM starts in total.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from delta.tables import DeltaTable
+
+from mmrank import featurize, labels, score, train, training_lists
+from mmrank.config import load_config
+from mmrank.data import ingest, landing
+from mmrank.lakehouse import Lakehouse
+from mmrank.ranker.artifact import LATEST_FILE
+from mmrank.runs import stage_status
+from tests.test_encoders import tiny_bert_dir
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+D = dt.date(2026, 11, 21)
+ALL = ("products", "queries", "query_log", "judgments", "labels", "product_features", "query_features",
+       "training_lists", "ranking_scores", "quarantine", "runs")
+COMPARED = ("product_features", "query_features", "training_lists", "ranking_scores")
+JOB_TIMEOUT_S = 420
+EPOCHS = 40          # tiny epochs take milliseconds: enough of them that a kill at epoch 1 lands mid-training
+
+
+def overrides(root: Path, bert: str) -> list[str]:
+    return [f"storage.root={root}", f"storage.raw_dir={root}/_landing", f"storage.artifacts_dir={root}/_artifacts",
+            f"storage.reports_dir={root}/_reports", f"storage.work_dir={root}/_work",
+            "generator.n_products=40", "generator.n_queries=8", "generator.sessions_per_query=4",
+            "generator.log_days=1", "generator.image_size=32", "generator.audio_seconds=0.5",
+            "features.image.image_size=64", f"features.text.path={bert}", "features.device=cpu",
+            f"train.max_epochs={EPOCHS}", f"train.patience={EPOCHS}", "train.data_loader=parquet", "train.list_size=10",
+            "train.proj_dim=8", "train.hidden_dim=16", "score.top_n=5", "score.similarity_top_k=5",
+            "spark.shuffle_partitions=2", "spark.driver_memory=1g"]
+
+
+def run_and_kill(job: str, sets: list[str], pattern: str, delay: float = 0.0) -> tuple[str, int | None]:
+    """Start `python jobs/<job>.py`, SIGKILL its process group once a stdout line matches `pattern`
+    (after `delay` s). Returns (output, exit code); fails if the job ended before the pattern appeared."""
+    cmd = [sys.executable, "-u", str(REPO / "jobs" / f"{job}.py"), "--run-date", D.isoformat()]
+    for s in sets:
+        cmd += ["--set", s]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO, start_new_session=True)
+    lines, killed, t0 = [], False, time.monotonic()
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                time.sleep(delay)
+                os.killpg(proc.pid, signal.SIGKILL)
+                killed = True
+                break
+            if time.monotonic() - t0 > JOB_TIMEOUT_S:
+                break
+    finally:
+        if not killed and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait(timeout=60)
+    out = "".join(lines)
+    assert killed, f"{job}: never printed /{pattern}/ (rc {rc}):\n{out[-3000:]}"
+    assert rc == -signal.SIGKILL
+    return out, rc
+
+
+def assert_consistent(lh: Lakehouse) -> dict[str, int | None]:
+    """Every existing table reads at its latest version, its Delta log lists a commit for every version, and
+    reading the latest version by number gives the same row count."""
+    versions = {}
+    for t in ALL:
+        if not lh.exists(t):
+            versions[t] = None
+            continue
+        n = lh.read(t).count()
+        hist = DeltaTable.forPath(lh.spark, lh.location(t)).history().select("version").collect()
+        v = max(r[0] for r in hist)
+        assert sorted(r[0] for r in hist) == list(range(v + 1)), f"{t}: Delta log has gaps"
+        assert lh.read(t, version=v).count() == n
+        versions[t] = v
+    return versions
+
+
+@pytest.fixture(scope="module")
+def lakes(spark, tmp_path_factory):
+    base = tmp_path_factory.mktemp("crash")
+    bert = tiny_bert_dir(base / "bert")
+    r, ref = base / "r", base / "ref"
+    lh = Lakehouse(spark, load_config(None, overrides(r, bert)))
+    landing.run(lh, D)
+    ingest.run(lh, D)
+    labels.run(lh, D)
+    shutil.copytree(r, ref)
+    ref_lh = Lakehouse(spark, load_config(None, overrides(ref, bert)))
+    featurize.run(ref_lh, D)
+    training_lists.run(ref_lh, D)
+    ref_version = train.train_and_save(ref_lh, D)[1]
+    score.run(ref_lh, D)
+    return dict(lh=lh, ref=ref_lh, sets=overrides(r, bert), ref_version=ref_version,
+                ref_sums={t: ref_lh.checksum(t) for t in COMPARED})
+
+
+def test_kill_featurize_before_any_commit_then_between_commits(lakes):
+    lh, sets = lakes["lh"], lakes["sets"]
+    before = assert_consistent(lh)
+    run_and_kill("featurize", sets, r"featurize \S+: encoding \d+ new")
+    after = assert_consistent(lh)
+    assert after["product_features"] in (None, 0) and after["query_features"] in (None, 0)
+    assert lh.read("product_features").count() == 0 and stage_status(lh, D, "featurize") is None
+    assert {t: after[t] for t in before if before[t] is not None} == {t: v for t, v in before.items() if v is not None}
+
+    run_and_kill("featurize", sets, r"featurize \S+: committed product_features")
+    mid = assert_consistent(lh)
+    # product_features is complete at its new version; query_features never saw a partial write
+    assert lh.read("product_features").count() == lakes["ref"].read("product_features").count()
+    assert lh.read("query_features").count() == 0
+    assert stage_status(lh, D, "featurize") is None            # no runs row: nightly will run it again
+    assert mid["product_features"] is not None
+
+    counts = featurize.run(lh, D)                               # the re-run finishes the job
+    assert counts["encoded_products_text"] == 0                  # committed embeddings are not recomputed
+    assert lh.checksum("product_features") == lakes["ref_sums"]["product_features"]
+    assert lh.checksum("query_features") == lakes["ref_sums"]["query_features"]
+    assert stage_status(lh, D, "featurize") == "succeeded"
+
+
+def test_kill_train_mid_training_then_resume(lakes):
+    lh, sets = lakes["lh"], lakes["sets"]
+    if stage_status(lh, D, "featurize") != "succeeded":
+        featurize.run(lh, D)
+    training_lists.run(lh, D)
+    assert lh.checksum("training_lists") == lakes["ref_sums"]["training_lists"]
+    run_and_kill("train", sets, rf"epoch 1/{EPOCHS} done.*checkpoint saved")
+    assert_consistent(lh)
+    adir = lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir)
+    assert not (adir / "models" / LATEST_FILE).exists()          # no half-written model became visible
+    assert not list(adir.glob("models/fusion-*"))                  # nor a model folder
+    ckpts = list(lh.cfg.resolve_path(lh.cfg.storage.work_dir).glob("checkpoints/*/checkpoint.pt"))
+    assert len(ckpts) == 1
+    out, version = train.train_and_save(lh, D)                   # re-run resumes from epoch 2
+    assert out.fit.epochs_run == EPOCHS and version == lakes["ref_version"]
+    ref_dir = lakes["ref"].cfg.resolve_path(lakes["ref"].cfg.storage.artifacts_dir)
+    assert ((adir / "models" / version / "weights.safetensors").read_bytes()
+            == (ref_dir / "models" / version / "weights.safetensors").read_bytes())
+    meta = json.loads((adir / "models" / version / "model.json").read_text())
+    assert meta["epochs_run"] == EPOCHS
+    assert not ckpts[0].exists()                                  # checkpoints cleaned once the artifact exists
+
+
+def test_kill_score_before_commit_then_rerun(lakes):
+    lh, sets = lakes["lh"], lakes["sets"]
+    adir = lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir)
+    if not (adir / "models" / LATEST_FILE).exists():
+        pytest.skip("needs the model of test_kill_train_mid_training_then_resume")
+    run_and_kill("score", sets, r"stage score \(run_date \S+\) started", delay=1.0)
+    v = assert_consistent(lh)
+    assert lh.read("ranking_scores").count() == 0 and v["ranking_scores"] in (None, 0)
+    score.run(lh, D)
+    assert lh.checksum("ranking_scores") == lakes["ref_sums"]["ranking_scores"]
+    assert_consistent(lh)

@@ -1,0 +1,193 @@
+"""Issue #8, part 5: no unpickling of untrusted content, clear errors for missing weights, no secrets or raw
+user text in logs.
+
+Already covered elsewhere: pickled / torch-pickle model artifacts are refused (tests/test_ranker_model.py
+`test_pickled_weights_are_refused`), a missing image weights file (tests/test_encoders.py), config path
+validation (tests/test_config.py).
+"""
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import logging
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmrank.config import FeaturesConf
+
+REPO = Path(__file__).resolve().parents[1]
+SCANNED = ("mmrank", "jobs", "bench", "scripts")
+
+
+class _Evil:
+    """Unpickling this creates a marker file: proof that a loader executed pickled code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _python_files() -> list[Path]:
+    out = []
+    for d in SCANNED:
+        out += sorted((REPO / d).rglob("*.py")) if (REPO / d).is_dir() else []
+    return out
+
+
+def _unsafe_calls(source: str) -> list[str]:
+    """Calls that can execute untrusted content, found in the AST (comments and strings do not count)."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else ""
+        owner = f.value.id if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else ""
+        kw = {k.arg: k.value for k in node.keywords}
+        const = lambda k: isinstance(kw.get(k), ast.Constant) and kw[k].value  # noqa: E731
+        where = f"line {node.lineno}: {ast.unparse(node)[:80]}"
+        if name in ("eval", "exec") and isinstance(f, ast.Name):
+            bad.append(where)
+        elif owner in ("pickle", "cPickle", "dill", "cloudpickle", "joblib") and name in ("load", "loads"):
+            bad.append(where)
+        elif owner == "torch" and name == "load" and const("weights_only") is not True:
+            bad.append(where)
+        elif owner == "np" and name == "load" and const("allow_pickle") is True:
+            bad.append(where)
+        elif owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load"):
+            loader = kw.get("Loader")
+            if not (loader is not None and "Safe" in ast.unparse(loader)):
+                bad.append(where)
+    return bad
+
+
+def test_scanner_finds_each_unsafe_pattern():
+    """The scanner itself: every pattern is caught, the safe spellings are not."""
+    unsafe = ["torch.load(p)", "torch.load(p, weights_only=False)", "pickle.load(f)", "pickle.loads(b)",
+              "np.load(p, allow_pickle=True)", "yaml.load(s)", "yaml.load(s, Loader=yaml.Loader)",
+              "eval('1')", "exec('x=1')"]
+    safe = ["torch.load(p, weights_only=True)", "np.load(p)", "yaml.safe_load(s)",
+            "yaml.load(s, Loader=yaml.SafeLoader)", "model.eval()", "x = 'torch.load(p)'"]
+    for s in unsafe:
+        assert _unsafe_calls(s), s
+    for s in safe:
+        assert not _unsafe_calls(s), s
+
+
+def test_source_tree_never_unpickles_or_evaluates():
+    files = _python_files()
+    assert len(files) > 20
+    found = {str(p.relative_to(REPO)): bad for p in files if (bad := _unsafe_calls(p.read_text()))}
+    assert not found, f"unsafe loading/evaluation calls: {found}"
+
+
+def _evil_file(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"w": _Evil(str(marker))}))
+    return path
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    from mmrank.ranker.fit import CHECKPOINT_FILE, load_checkpoint
+
+    marker = tmp_path / "pwned"
+    _evil_file(tmp_path / "ckpt" / CHECKPOINT_FILE, marker)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "ckpt")
+    assert not marker.exists()
+    torch.save({"epoch": 0, "w": _Evil(str(marker))}, tmp_path / "ckpt" / CHECKPOINT_FILE)  # torch zip pickle
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+@pytest.mark.parametrize("fmt", ["plain_pickle", "torch_pickle", "fake_safetensors"])
+def test_malicious_encoder_weights_are_refused(tmp_path, modality, fmt):
+    from mmrank.encoders.registry import get_encoder
+
+    marker = tmp_path / "pwned"
+    if fmt == "plain_pickle":
+        path = _evil_file(tmp_path / "w.pt", marker)
+    elif fmt == "torch_pickle":
+        path = tmp_path / "w.pt"
+        torch.save({"conv.weight": _Evil(str(marker))}, path)
+    else:
+        path = _evil_file(tmp_path / "w.safetensors", marker)
+    cfg = FeaturesConf.model_validate({"device": "cpu", modality: {"weights_path": str(path)}})
+    with pytest.raises(Exception) as err:
+        get_encoder(modality, cfg).encode([b"x"])
+    assert not marker.exists(), "pickled code was executed"
+    assert not isinstance(err.value, AssertionError)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_missing_encoder_weights_error_names_the_file(tmp_path, modality):
+    from mmrank.encoders.registry import get_encoder
+
+    missing = tmp_path / f"no_{modality}_weights.safetensors"
+    cfg = FeaturesConf.model_validate({"device": "cpu", modality: {"weights_path": str(missing)}})
+    with pytest.raises(FileNotFoundError) as err:
+        get_encoder(modality, cfg)
+    assert str(missing) in str(err.value) and f"features.{modality}.weights_path" in str(err.value)
+
+
+def test_missing_text_model_dir_error_names_it(tmp_path):
+    from mmrank.encoders.registry import get_encoder
+
+    missing = tmp_path / "no_minilm_here"
+    cfg = FeaturesConf.model_validate({"device": "cpu", "text": {"path": str(missing)}})
+    with pytest.raises(Exception) as err:
+        get_encoder("text", cfg)
+    assert str(missing) in str(err.value)
+
+
+# ---- logs: no secrets, no raw user text ---------------------------------------------------------------------
+MARKER = "zq-private-marker-7731"
+SECRET = "tok_SECRETSECRET_3141592653"
+
+
+@pytest.mark.slow
+def test_logs_carry_no_user_text_or_secrets(spark, tmp_path, monkeypatch, caplog, capsys):
+    """Run ingest (BYO) + featurize + a failing stage with a query/title containing a marker and a config value
+    that looks like a secret; nothing of either may appear in any log record, stdout/stderr or runs.message."""
+    import pandas as pd
+
+    from mmrank import featurize
+    from mmrank.data import ingest
+    from mmrank.lakehouse import Lakehouse
+    from tests.conftest import make_config
+    from tests.test_encoders import tiny_bert_dir
+
+    monkeypatch.setenv("MMRANK_TEST_SECRET", SECRET)
+    bert = tiny_bert_dir(tmp_path / "bert")
+    # a secret-looking value in a config field that is legitimately free text (spark.extra) and the app name
+    cfg = make_config(tmp_path / "lake", f"features.text.path={bert}", "features.device=cpu",
+                      "features.text.max_chars=100", f"spark.extra={{spark.hadoop.fs.s3a.secret.key: {SECRET}}}")
+    lh = Lakehouse(spark, cfg)
+    pd.DataFrame({"product_id": ["p1", "p2", "p3"],
+                  "title": [f"red scarf {MARKER}", f"{MARKER} " * 30, None]}).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame({"query": [f"scarf {MARKER}"], "product_id": ["p1"], "grade": [3]}).to_csv(
+        tmp_path / "j.csv", index=False)
+    day = dt.date(2026, 11, 21)
+    caplog.set_level(logging.DEBUG)
+    ingest.run(lh, day, source="byo", catalog=str(tmp_path / "c.csv"), judgments=str(tmp_path / "j.csv"))
+    featurize.run(lh, day)
+    with pytest.raises(ValueError):                      # a failed stage logs and records its message
+        ingest.run(lh, day, source="byo", catalog=str(tmp_path / "j.csv"))
+    assert lh.read("quarantine").count() >= 1            # the too-long title went to quarantine
+    out = capsys.readouterr()
+    text = "\n".join(r.getMessage() for r in caplog.records) + out.out + out.err
+    text += "\n".join(str(r["message"]) for r in lh.read("runs").collect())
+    assert caplog.records, "nothing was logged: the check would be vacuous"
+    assert MARKER not in text, [line for line in text.splitlines() if MARKER in line][:3]
+    assert SECRET not in text
+    assert SECRET not in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
+    assert not re.search(r"secret\.key\s*[:=]\s*\S", text)
