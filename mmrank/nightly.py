@@ -26,6 +26,7 @@ the current model version is recorded, and scoring uses the existing model.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import logging
 import sys
 import time
@@ -88,52 +89,12 @@ class StageFailed(RuntimeError):
 
 
 # ---- the default stages (imported lazily so a missing module only fails its own stage) -----------------
-def _generate(lh: Lakehouse, run_date: dt.date, opts: NightlyOptions) -> dict | None:
-    from mmrank.data import landing
-
-    return landing.run(lh, run_date)
-
-
-def _ingest(lh, run_date, opts):
-    from mmrank.data import ingest
-
-    return ingest.run(lh, run_date)
-
-
-def _labels(lh, run_date, opts):
-    from mmrank import labels
-
-    return labels.run(lh, run_date)
-
-
-def _featurize(lh, run_date, opts):
-    from mmrank import featurize
-
-    return featurize.run(lh, run_date)
-
-
-def _training_lists(lh, run_date, opts):
-    from mmrank import training_lists
-
-    return training_lists.run(lh, run_date)
-
-
-def _train(lh, run_date, opts):
-    from mmrank import train
-
-    return train.run(lh, run_date)
-
-
-def _score(lh, run_date, opts):
-    from mmrank import score
-
-    return score.run(lh, run_date)
-
-
-def _evaluate(lh, run_date, opts):
-    from mmrank import evaluate
-
-    return evaluate.run(lh, run_date)
+def _module_stage(module: str) -> Callable[[Lakehouse, dt.date, NightlyOptions], dict | None]:
+    """A stage that calls `<module>.run(lh, run_date)`, imported lazily so a broken module fails only its stage."""
+    def call(lh: Lakehouse, run_date: dt.date, opts: NightlyOptions) -> dict | None:
+        return importlib.import_module(module).run(lh, run_date)
+    call.__name__ = f"run_{module.rsplit('.', 1)[-1]}"
+    return call
 
 
 def _report(lh, run_date, opts):
@@ -145,14 +106,14 @@ def _report(lh, run_date, opts):
 
 def default_stages() -> list[Stage]:
     return [
-        Stage("generate", _generate),
-        Stage("ingest", _ingest),
-        Stage("labels", _labels),
-        Stage("featurize", _featurize),
-        Stage("training_lists", _training_lists),
-        Stage("train", _train),
-        Stage("score", _score),
-        Stage("evaluate", _evaluate),
+        Stage("generate", _module_stage("mmrank.data.landing")),
+        Stage("ingest", _module_stage("mmrank.data.ingest")),
+        Stage("labels", _module_stage("mmrank.labels")),
+        Stage("featurize", _module_stage("mmrank.featurize")),
+        Stage("training_lists", _module_stage("mmrank.training_lists")),
+        Stage("train", _module_stage("mmrank.train")),
+        Stage("score", _module_stage("mmrank.score")),
+        Stage("evaluate", _module_stage("mmrank.evaluate")),
         Stage("report", _report, tracked=False),
     ]
 

@@ -207,23 +207,11 @@ def score_pairs(model, query_feats: Mapping[str, Any], product_feats: Mapping[st
 
 
 def _score_and_contrib(model, batch):
-    """(scores [B, L], occlusion contributions [B, L, 3]) with one encoding pass when the model exposes
-    `encode`/`score` (FusionRanker), else `forward` + `contributions`."""
+    """(scores [B, L], occlusion contributions [B, L, 3]) in one encoding pass (FusionRanker, also quantized)."""
     import torch
 
     with torch.inference_mode():
-        if not (hasattr(model, "encode") and hasattr(model, "score")):
-            return model(batch), model.contributions(batch)
-        q, z, mask = model.encode(batch)
-        full = model.score(q, z, mask)
-        out = torch.zeros_like(mask)
-        for i in range(mask.shape[-1]):
-            if not bool((mask[..., i] > 0).any()):
-                continue
-            occluded = mask.clone()
-            occluded[..., i] = 0.0
-            out[..., i] = torch.where(mask[..., i] > 0, full - model.score(q, z, occluded), 0.0)
-        return full, out
+        return model.score_and_contributions(batch)
 
 
 def _stack(col: pd.Series, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:

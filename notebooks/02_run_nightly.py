@@ -10,31 +10,12 @@
 
 # COMMAND ----------
 
-# Parameters: Databricks widgets; locally (no dbutils) the defaults below, or MMRANK_* environment variables.
-import datetime as dt
-import os
+# Parameters: Databricks widgets; locally (no dbutils) the defaults, or MMRANK_* environment variables.
+from mmrank.notebook import NotebookParams
 
-try:
-    dbutils  # noqa: F821  (a Databricks global)
-except NameError:
-    dbutils = None
-
-try:
-    display  # noqa: F821  (a Databricks global)
-except NameError:
-    def display(obj):  # local fallback: print a preview
-        print(obj.limit(20).toPandas() if hasattr(obj, "toPandas") else obj)
-
-
-def param(name, default, label=None):
-    if dbutils is not None:
-        dbutils.widgets.text(name, default, label or name)
-        return dbutils.widgets.get(name)
-    return os.environ.get(f"MMRANK_{name.upper()}", default)
-
-CONF = param("conf", "", "config file")
-OVERRIDES = param("overrides", "", "overrides k=v;k=v")
-RUN_DATE = dt.date.fromisoformat(param("run_date", dt.date.today().isoformat(), "run date"))
+P = NotebookParams(globals())
+display, param = P.display, P.text
+CONF, OVERRIDES, RUN_DATE = P.common()
 STAGES = param("stages", "all", "stages (comma list or all)")
 FROM_STAGE = param("from_stage", "", "force from this stage") or None
 RERUN = param("rerun", "false", "rerun all (true/false)").lower() == "true"

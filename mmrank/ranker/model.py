@@ -108,10 +108,11 @@ class FusionRanker(nn.Module):
         return self.score(q, z, mask)
 
     @torch.no_grad()
-    def contributions(self, batch: Batch) -> torch.Tensor:
-        """[B, L, 3] occlusion contributions: score(all present) - score(modality m masked) for each present
-        product modality m, 0 for absent ones. Computed in eval mode (no dropout), so deterministic. They do
-        not sum to the score in general (interactions between modalities are not attributed)."""
+    def score_and_contributions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [B, L], contributions [B, L, 3]) from one encoding pass. A contribution is the occlusion
+        delta score(all present) - score(modality m masked) for each present product modality m, 0 for absent
+        ones. Computed in eval mode (no dropout), so deterministic. Contributions do not sum to the score in
+        general (interactions between modalities are not attributed)."""
         was_training = self.training
         self.eval()
         try:
@@ -119,12 +120,18 @@ class FusionRanker(nn.Module):
             full = self.score(q, z, mask)
             out = torch.zeros_like(mask)
             for i in range(N_PRODUCT_MODALITIES):
+                if not bool((mask[..., i] > 0).any()):
+                    continue
                 occluded = mask.clone()
                 occluded[..., i] = 0.0
                 out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded), 0.0)
-            return out
+            return full, out
         finally:
             self.train(was_training)
+
+    def contributions(self, batch: Batch) -> torch.Tensor:
+        """[B, L, 3] per-modality occlusion contributions (see `score_and_contributions`)."""
+        return self.score_and_contributions(batch)[1]
 
     @torch.no_grad()
     def gate_weights(self, batch: Batch) -> torch.Tensor:
