@@ -191,6 +191,7 @@ class TrainConf(_Section):
     max_epochs: int = Field(100, ge=1)
     patience: int = Field(15, ge=1, description="epochs without validation NDCG@10 gain before stopping")
     seed: int = 13
+    torch_threads: int = Field(1, ge=1, description="intra-op threads while training (per process / rank)")
     split: dict[str, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
     data_loader: Literal["petastorm", "parquet"] = "petastorm"
     train_every_days: int = Field(1, ge=1, description="nightly retrains when the model is this many days old")

@@ -95,7 +95,6 @@ def horovod_worker(job: WorkerJob) -> WorkerResult | None:
     """One Horovod rank (runs inside a Spark task)."""
     import horovod.torch as hvd
 
-    torch.set_num_threads(1)
     hvd.init()
     device = _device(hvd.local_rank())
 
@@ -126,7 +125,6 @@ def torch_distributor_worker(job: WorkerJob) -> WorkerResult | None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(local_rank)
     if device.type == "cuda":
@@ -147,14 +145,8 @@ def torch_distributor_worker(job: WorkerJob) -> WorkerResult | None:
 
 # ---- launchers (driver) -----------------------------------------------------------------------------------
 def _launch_local(job: WorkerJob, num_proc: int) -> WorkerResult:
-    """In the driver, with one intra-op thread like every distributed rank (comparable throughput; also
-    avoids thread oversubscription next to Spark on a small machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return run_worker(job, 0, 1)
-    finally:
-        torch.set_num_threads(threads)
+    """In the driver; `fit` sets `train.torch_threads` intra-op threads, as on every distributed rank."""
+    return run_worker(job, 0, 1)
 
 
 def _launch_horovod(job: WorkerJob, num_proc: int) -> WorkerResult:

@@ -171,7 +171,9 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
 
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
+    torch.set_num_threads(cfg.torch_threads)  # small MLP: more threads only fight Spark's workers for cores
     train_seconds, train_lists = 0.0, 0
     try:
         for epoch in range(start, cfg.max_epochs):
@@ -206,6 +208,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
                          ", checkpoint saved" if ckpt_path is not None else "")
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.set_num_threads(prev_threads)
     model.load_state_dict(best_state)
     model.eval()
     return FitResult(best_metrics=dict(best_metrics), best_epoch=best_epoch, epochs_run=len(history),
