@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame, Window
+from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
 from mmrank.lakehouse import Lakehouse, sql_date
@@ -391,20 +391,47 @@ def score_df(pairs: DataFrame, artifacts_dir: str, version: str, quantize: bool,
 # ---------------------------------------------------------------------------------------------------------
 # reader: features and candidates
 # ---------------------------------------------------------------------------------------------------------
-def _pivot(df: DataFrame, key: str, modalities: tuple[str, ...], prefix: str) -> DataFrame:
+def _usable(dims: Mapping[str, int] | None) -> Column:
+    """Feature rows the model can use: finite values and (when `dims` is known) the model's width."""
+    from mmrank.training_lists import finite
+
+    ok = finite()
+    if dims:
+        width = F.element_at(F.create_map(*[x for m, d in dims.items() for x in (F.lit(m), F.lit(int(d)))]),
+                             F.col("modality"))
+        ok = ok & (F.size("embedding") == width)
+    return ok
+
+
+def bad_feature_rows(lh: Lakehouse, dims: Mapping[str, int]) -> DataFrame:
+    """Quarantine rows (record_id `<id>:<modality>`, reason, payload) for unusable embeddings."""
+    parts = []
+    for table, key, mods in (("product_features", "product_id", P_MODALITIES),
+                             ("query_features", "query_id", Q_MODALITIES)):
+        df = lh.read(table).where(F.col("modality").isin(*mods))
+        parts.append(df.where(~_usable(dims)).select(
+            F.concat_ws(":", key, "modality").alias("record_id"),
+            F.when(~_usable(None), F.lit("embedding has non-finite values (NaN/inf)"))
+             .otherwise(F.lit("embedding width differs from the model's")).alias("reason"),
+            F.concat(F.lit(f"{table} len="), F.size("embedding").cast("string")).alias("payload")))
+    return parts[0].unionByName(parts[1])
+
+
+def _pivot(df: DataFrame, key: str, modalities: tuple[str, ...], prefix: str,
+           dims: Mapping[str, int] | None = None) -> DataFrame:
     aggs = [F.first(F.when(F.col("modality") == m, F.col("embedding")), ignorenulls=True).alias(f"{prefix}{m}")
             for m in modalities]
-    return df.where(F.col("modality").isin(*modalities)).groupBy(key).agg(*aggs)
+    return df.where(F.col("modality").isin(*modalities) & _usable(dims)).groupBy(key).agg(*aggs)
 
 
-def product_feature_frame(lh: Lakehouse) -> DataFrame:
-    """product_id, p_text, p_image, p_audio (null where the modality is missing)."""
-    return _pivot(lh.read("product_features"), "product_id", P_MODALITIES, "p_")
+def product_feature_frame(lh: Lakehouse, dims: Mapping[str, int] | None = None) -> DataFrame:
+    """product_id, p_text, p_image, p_audio (null where the modality is missing or its embedding unusable)."""
+    return _pivot(lh.read("product_features"), "product_id", P_MODALITIES, "p_", dims)
 
 
-def query_feature_frame(lh: Lakehouse) -> DataFrame:
-    """query_id, q_text, q_audio (null where the modality is missing)."""
-    return _pivot(lh.read("query_features"), "query_id", Q_MODALITIES, "q_")
+def query_feature_frame(lh: Lakehouse, dims: Mapping[str, int] | None = None) -> DataFrame:
+    """query_id, q_text, q_audio (null where the modality is missing or its embedding unusable)."""
+    return _pivot(lh.read("query_features"), "query_id", Q_MODALITIES, "q_", dims)
 
 
 def impression_pairs(lh: Lakehouse, run_date: dt.date) -> DataFrame:
@@ -453,9 +480,9 @@ def _partition_topk(queries: dict[str, tuple[np.ndarray, np.ndarray]], k: int, m
     return run
 
 
-def _query_matrices(lh: Lakehouse) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _query_matrices(lh: Lakehouse, dims: Mapping[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per modality, the queries that search with it: text when the query has text, else audio (voice)."""
-    qf = query_feature_frame(lh).toPandas()
+    qf = query_feature_frame(lh, dims).toPandas()
     out = {}
     use_text = qf["q_text"].notna()
     for m, sel in (("text", use_text), ("audio", ~use_text & qf["q_audio"].notna())):
@@ -468,7 +495,8 @@ def _query_matrices(lh: Lakehouse) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def similarity_pairs(lh: Lakehouse, k: int, max_cells: int = 4_000_000) -> DataFrame:
+def similarity_pairs(lh: Lakehouse, k: int, max_cells: int = 4_000_000,
+                     dims: Mapping[str, int] | None = None) -> DataFrame:
     """Top-k products per query by cosine similarity of embeddings, without a cross join.
 
     The query matrix is broadcast; every product_features partition keeps its own top-k per query
@@ -477,21 +505,22 @@ def similarity_pairs(lh: Lakehouse, k: int, max_cells: int = 4_000_000) -> DataF
     Returns (query_id, product_id, sim).
     """
     spark = lh.spark
-    qmats = _query_matrices(lh)
+    qmats = _query_matrices(lh, dims)
     if not qmats:
         return spark.createDataFrame([], SIM_SCHEMA)
     try:
         shared = spark.sparkContext.broadcast(qmats)
     except Exception:  # Spark Connect / serverless: no SparkContext; the closure ships the matrix per task
         shared = qmats
-    prods = lh.read("product_features").where(F.col("modality").isin(*qmats.keys())).select(
+    prods = lh.read("product_features").where(F.col("modality").isin(*qmats.keys()) & _usable(dims)).select(
         "product_id", "modality", "embedding")
     local = prods.mapInPandas(_partition_topk(shared, k, max_cells), SIM_SCHEMA)
     w = Window.partitionBy("query_id").orderBy(F.col("sim").desc(), F.col("product_id"))
     return local.withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= k).drop("_r")
 
 
-def candidate_pairs(lh: Lakehouse, run_date: dt.date, mode: str | None = None, k: int | None = None) -> DataFrame:
+def candidate_pairs(lh: Lakehouse, run_date: dt.date, mode: str | None = None, k: int | None = None,
+                    dims: Mapping[str, int] | None = None) -> DataFrame:
     """Distinct (query_id, product_id) candidates per `score.candidates`: impressions | similarity | both."""
     sc = lh.cfg.score
     mode = mode or sc.candidates
@@ -499,7 +528,7 @@ def candidate_pairs(lh: Lakehouse, run_date: dt.date, mode: str | None = None, k
     if mode in ("impressions", "both"):
         parts.append(impression_pairs(lh, run_date))
     if mode in ("similarity", "both"):
-        parts.append(similarity_pairs(lh, k or sc.similarity_top_k).select("query_id", "product_id"))
+        parts.append(similarity_pairs(lh, k or sc.similarity_top_k, dims=dims).select("query_id", "product_id"))
     if not parts:
         raise ValueError(f"score.candidates = {mode!r}: expected impressions, similarity or both")
     out = parts[0]
@@ -531,8 +560,11 @@ def run(lh: Lakehouse, run_date: dt.date, version: str | None = None, quantize: 
         model_version = version + (QUANT_SUFFIX if quantize else "")
         rec.model_version = model_version
 
-        cands = candidate_pairs(lh, run_date, candidates).persist()
-        qf, pf = query_feature_frame(lh), product_feature_frame(lh)
+        dims = model_dims(*load_scorer(artifacts_dir, version))
+        # NaN/inf or wrong-width embeddings (e.g. from an external writer) are quarantined, never scored
+        rec.counts["quarantined"] = lh.quarantine(bad_feature_rows(lh, dims), "score", run_date)
+        cands = candidate_pairs(lh, run_date, candidates, dims=dims).persist()
+        qf, pf = query_feature_frame(lh, dims), product_feature_frame(lh, dims)
         joined = (cands.join(qf, "query_id", "left")
                   .join(pf.withColumn("_p", F.lit(True)), "product_id", "left")
                   .withColumn("_q", F.col("q_text").isNotNull() | F.col("q_audio").isNotNull()))

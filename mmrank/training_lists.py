@@ -57,20 +57,29 @@ def _width(dims: dict[str, int]) -> F.Column:
                         F.col("modality"))
 
 
+def finite(c: str = "embedding") -> F.Column:
+    """True when every element of the array column is a finite number (no null, NaN or +-inf)."""
+    return F.forall(c, lambda x: x.isNotNull() & ~F.isnan(x) & (F.abs(x) < F.lit(float("inf"))))
+
+
 def _pivot(df: DataFrame, key: str, modalities: tuple[str, ...], dims: dict[str, int]) -> DataFrame:
-    """One row per `key` with an embedding column per modality (null when missing or of the wrong width)."""
-    good = df.where(F.col("modality").isin(*modalities) & (F.size("embedding") == _width(dims)))
+    """One row per `key` with an embedding column per modality (null when missing, of the wrong width or
+    holding NaN/inf: such an embedding is never trained on)."""
+    good = df.where(F.col("modality").isin(*modalities) & (F.size("embedding") == _width(dims))
+                    & finite())
     return good.groupBy(key).agg(*[
         F.first(F.when(F.col("modality") == m, F.col("embedding")), ignorenulls=True).alias(m)
         for m in modalities])
 
 
 def _bad_widths(df: DataFrame, key: str, dims: dict[str, int]) -> DataFrame:
-    """Quarantine rows for embeddings whose length is not their modality's width."""
+    """Quarantine rows for embeddings whose length is not their modality's width or that hold NaN/inf."""
     expected = _width(dims)
-    return df.where(F.size("embedding") != expected).select(
+    wrong = F.size("embedding") != expected
+    return df.where(wrong | ~finite()).select(
         F.concat_ws(":", key, "modality").alias("record_id"),
-        F.lit("embedding width differs from the modality's").alias("reason"),
+        F.when(wrong, F.lit("embedding width differs from the modality's"))
+         .otherwise(F.lit("embedding has non-finite values (NaN/inf)")).alias("reason"),
         F.concat(F.lit("len="), F.size("embedding").cast("string"), F.lit(" expected="),
                  expected.cast("string")).alias("payload"))
 

@@ -241,7 +241,7 @@ def test_training_lists_quarantine_non_finite_and_wrong_length_embeddings(lh):
     write_toy(lh, n_queries=8, n_cands=6)
     pbad = _bad_embeddings(lh, "product_features", "product_id")
     qpdf = lh.read("query_features").toPandas().sort_values("query_id")
-    qtext = qpdf[qpdf["modality"] == "text"].iloc[0]
+    qtext = qpdf[qpdf["modality"] == "text"].iloc[-1]          # not q000, whose products are poisoned
     qbad = {(qtext["query_id"], "text"): [float("nan")] * len(qtext["embedding"])}
     _poison(lh, "product_features", "product_id", pbad)
     _poison(lh, "query_features", "query_id", qbad)

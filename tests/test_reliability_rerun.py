@@ -168,3 +168,19 @@ def test_two_concurrent_score_runs_leave_one_complete_result(spark, tmp_path):
     assert day.select("query_id", "product_id").distinct().count() == n_ref
     assert lh.checksum("ranking_scores") == reference
     assert lh.read("runs").where("stage = 'score'").count() == 1     # one runs row per (date, stage)
+
+
+def test_audio_embedding_does_not_depend_on_its_batch():
+    """An item's embedding must not change with the other clips in its model batch (padding), or an
+    incremental re-run after a crash would not reproduce a full run (found by test_reliability_crash)."""
+    import numpy as np
+
+    from mmrank.config import FeaturesConf
+    from mmrank.encoders import get_encoder
+    from mmrank.encoders.synth import wav_bytes
+
+    enc = get_encoder("audio", FeaturesConf.model_validate({"device": "cpu", "audio": {"max_seconds": 1.0}}))
+    clips = [wav_bytes(880, seconds=0.7), wav_bytes(440, seconds=0.3), wav_bytes(300, seconds=0.5)]
+    together = enc.encode(clips)
+    for i, c in enumerate(clips):
+        np.testing.assert_allclose(enc.encode([c])[0], together[i], atol=1e-6)

@@ -106,6 +106,20 @@ class AudioEncoder(Encoder):
         return int(decoded.shape[0])
 
     def _forward(self, batch: list[torch.Tensor]) -> torch.Tensor:
+        """Clips of different lengths are encoded in same-length groups: zero padding would reach the STFT and
+        conv windows at the end of shorter clips, making an embedding depend on what else is in its batch
+        (then an incremental re-run would not reproduce a full run)."""
+        lens = [int(w.shape[0]) for w in batch]
+        if len(set(lens)) > 1:
+            out: list[torch.Tensor | None] = [None] * len(batch)
+            for n in sorted(set(lens)):
+                idx = [i for i, m in enumerate(lens) if m == n]
+                for i, e in zip(idx, self._forward([batch[i] for i in idx])):
+                    out[i] = e
+            return torch.stack(out)
+        return self._forward_same_length(batch)
+
+    def _forward_same_length(self, batch: list[torch.Tensor]) -> torch.Tensor:
         lengths = torch.tensor([w.shape[0] for w in batch], device=self.device)
         x = torch.nn.utils.rnn.pad_sequence(batch, batch_first=True).to(self.device)
         with torch.autocast(self.device.type, enabled=False):  # STFT stays fp32 (no bf16 FFT)
