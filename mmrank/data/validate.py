@@ -58,14 +58,16 @@ def with_duplicates(df: DataFrame, keys: list[str], reason_col: str = "reason") 
 
 
 # ---- media decoding (plain Python: testable without Spark) -----------------------------------------------
+def _size_problem(b: bytes, max_bytes: int) -> str | None:
+    return "empty" if len(b) == 0 else "too_large" if len(b) > max_bytes else None
+
+
 def check_image(b: bytes | None, max_bytes: int) -> str | None:
     """None if `b` is a decodable image header, else a short reason ('empty', 'too_large', 'corrupt: ...')."""
     if b is None:
         return None
-    if len(b) == 0:
-        return "empty"
-    if len(b) > max_bytes:
-        return "too_large"
+    if problem := _size_problem(b, max_bytes):
+        return problem
     from PIL import Image
 
     try:
@@ -80,10 +82,8 @@ def check_audio(b: bytes | None, max_bytes: int) -> str | None:
     """None if `b` is a readable audio file with at least one frame, else a short reason."""
     if b is None:
         return None
-    if len(b) == 0:
-        return "empty"
-    if len(b) > max_bytes:
-        return "too_large"
+    if problem := _size_problem(b, max_bytes):
+        return problem
     import soundfile as sf
 
     try:
