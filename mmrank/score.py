@@ -265,14 +265,13 @@ def rechunk(frames: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]
 
 def _set_task_threads() -> None:
     """One torch thread per Spark task cpu (spark.task.cpus), so concurrent tasks do not oversubscribe."""
-    import torch
     from pyspark import TaskContext
+
+    from mmrank.encoders.device import set_threads
 
     tc = TaskContext.get()
     if tc is not None:
-        n = max(1, int(tc.cpus()))
-        if torch.get_num_threads() != n:
-            torch.set_num_threads(n)
+        set_threads(max(1, int(tc.cpus())))
 
 
 def make_partition_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size: int):

@@ -25,6 +25,17 @@ def make_config(root: Path, *overrides: str) -> MMRankConfig:
     return load_config(None, base + list(overrides))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module's tests (fast, reproducible CPU timings), restored afterwards."""
+    import torch
+
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
     from mmrank.spark import get_spark

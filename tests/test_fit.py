@@ -13,12 +13,7 @@ DIMS = ModalityDims(text=8, image=6, audio=4)
 N_KINDS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic(n: int, seed: int, list_size: int = 10):

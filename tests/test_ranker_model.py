@@ -21,12 +21,7 @@ B, L = 3, 4
 SMALL = dict(proj_dim=8, hidden_dim=16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_batch(seed=0, p_mask=None, q_mask=None):
