@@ -1,7 +1,7 @@
 """Ranking quality benchmark: the `evaluate` stage on (a) the generated sample and (b) the fashion images.
 
-    python bench/quality.py                       # ~300 products / ~150 queries, seeds 13
-    python bench/quality.py --n-products 600 --n-queries 300 --seeds 13 14 15
+    python bench/quality.py                       # the embedded default sample (generator.*), model seed 13
+    python bench/quality.py --seeds 13 14 15 --n-queries 400
     python bench/quality.py --skip-fashion
 
 Each dataset gets a fresh lakehouse under `--root`; the pipeline is generate/ingest/labels (or the fashion
@@ -142,8 +142,11 @@ def bench_dataset(dataset: str, args, extra_sets: list[str]) -> str:
     out = [f"## {dataset}: {n_lists.get('test', 0)} test queries (train {n_lists.get('train', 0)}, "
            f"validation {n_lists.get('validation', 0)}); split seed {args.split_seed}; model seeds {args.seeds}; "
            f"loss {lh.cfg.train.loss}; list_size {lh.cfg.train.list_size}; {time.perf_counter() - t0:.0f}s", ""]
-    for split, part in rows.groupby("split"):  # test, then test_judgments
-        mean, sd = summary(part)
+    tables = {split: summary(part) for split, part in rows.groupby("split")}  # test, then test_judgments
+    if "test_judgments" in tables and tables["test_judgments"][0].equals(tables["test"][0]):
+        del tables["test_judgments"]  # labels are the judgments (fashion, BYO): one table says it all
+        out += ["(training labels are the judgments here, so `test` and `test_judgments` are the same table)", ""]
+    for split, (mean, sd) in tables.items():
         out += [f"### {dataset} / {split} ({SPLIT_DOC.get(split, split)})", "",
                 _with_sd(mean, sd, len(args.seeds)), "", *headline(mean), ""]
     return "\n".join(out + ["reports: " + ", ".join(str(p) for p in reports), ""])
@@ -154,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conf", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--root", default="/tmp/mmrank_quality", help="fresh lakehouses are created under here")
-    p.add_argument("--n-products", type=int, default=300)
-    p.add_argument("--n-queries", type=int, default=150)
+    p.add_argument("--n-products", type=int, default=None, help="default: generator.n_products of the config")
+    p.add_argument("--n-queries", type=int, default=None, help="default: generator.n_queries of the config")
     p.add_argument("--seeds", type=int, nargs="+", default=[13], help="model seeds (init, shuffling, LightGBM)")
     p.add_argument("--split-seed", type=int, default=13, help="train.seed used for the query split")
     p.add_argument("--run-date", type=dt.date.fromisoformat, default=dt.date(2026, 11, 21))
@@ -168,8 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(False)
     out = []
     if not args.skip_sample:
-        out.append(bench_dataset("sample", args, [f"generator.n_products={args.n_products}",
-                                                  f"generator.n_queries={args.n_queries}"]))
+        sizes = [f"generator.{k}={v}" for k, v in (("n_products", args.n_products), ("n_queries", args.n_queries))
+                 if v is not None]
+        out.append(bench_dataset("sample", args, sizes))
     if not args.skip_fashion:
         fashion_dir = load_config(args.conf, args.set).resolve_path(load_config(args.conf, args.set)
                                                                    .ingest.fashion_dir)

@@ -92,8 +92,8 @@ class GeneratorConf(_Section):
     """The deterministic sample lakehouse (see mmrank/data/generator.py for the generative process)."""
 
     seed: int = 7
-    n_products: int = Field(600, ge=20, le=1_000_000)
-    n_queries: int = Field(120, ge=5)
+    n_products: int = Field(1000, ge=20, le=1_000_000)
+    n_queries: int = Field(800, ge=5)
     voice_query_fraction: float = Field(0.2, ge=0, le=1)
     candidates_per_query: int = Field(20, ge=2)
     sessions_per_query: int = Field(30, ge=1)
@@ -116,7 +116,7 @@ class IngestConf(_Section):
     max_listed_files: int = Field(5000, ge=1, description="up to this many referenced media files are read "
                                   "by explicit path; more are read by listing their folders")
     fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
-    fashion_n_queries: int = Field(60, ge=1, description="queries derived by the fashion protocol")
+    fashion_n_queries: int = Field(500, ge=1, description="queries derived by the fashion protocol")
     fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
 
 
@@ -185,6 +185,8 @@ class TrainConf(_Section):
     hidden_dim: int = Field(128, ge=4)
     dropout: float = Field(0.1, ge=0, lt=1)
     modality_dropout: float = Field(0.1, ge=0, lt=1)
+    match_features: bool = Field(True, description="give the scorer the query-product cosines of the modalities "
+                                 "both sides have (text, audio)")
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(8, ge=1, description="lists per optimizer step (global, across ranks)")

@@ -1,6 +1,7 @@
 """Batch contract, FusionRanker masks / gates / contributions, and model artifacts."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -148,6 +149,24 @@ def test_single_modality_model_ignores_other_modalities():
     assert torch.all(c[..., [0, 2]] == 0) and torch.all(c[:, :-1, 1] != 0)
 
 
+def test_match_features_are_cosines_of_present_matching_modalities():
+    q_mask = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])                   # list 1: voice query (no text)
+    m, b = model("gated"), random_batch(p_mask=np.ones((B, L, 3)), q_mask=q_mask)
+    match = m.encode(b)[3]
+    cos = lambda mod: torch.nn.functional.cosine_similarity(b[f"q_{mod}"][:, None], b[f"p_{mod}"], dim=-1)
+    assert match.shape == (B, L, 2)
+    assert torch.allclose(match[0], torch.stack([cos("text")[0], cos("audio")[0]], -1), atol=1e-6)
+    assert torch.all(match[1, :, 0] == 0) and torch.all(match[2, :, 1] == 0)  # absent query side -> 0
+    # the match is an input of the score: a product text equal to the query text moves the text-only score
+    text_only = model("gated", modalities=["text"])
+    twin = {k: v.clone() for k, v in b.items()}
+    twin["p_text"][0, 0] = b["q_text"][0] * 3.0                                # same direction, other norm
+    assert text_only.encode(twin)[3][0, 0, 0] == pytest.approx(1.0, abs=1e-6)
+    assert text_only(twin)[0, 0] != text_only(b)[0, 0]
+    without = model("gated", match_features=False)
+    assert without.encode(b)[3].shape == (B, L, 0) and without(b).shape == (B, L)
+
+
 def test_modality_dropout_never_drops_everything():
     torch.manual_seed(0)
     m = FusionRanker(DIMS, TrainConf(**SMALL, modality_dropout=0.9))
@@ -181,6 +200,17 @@ def test_artifact_round_trip(tmp_path):
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]   # no temp leftovers
     with pytest.raises(ValueError, match="reserved"):
         save_artifact(m, {"dims": 1}, tmp_path)
+
+
+def test_artifact_from_before_match_features_still_loads(tmp_path):
+    old, b = model("gated", seed=5, match_features=False), random_batch()
+    version = save_artifact(old, {}, tmp_path)
+    meta_path = tmp_path / "models" / version / "model.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train"]["match_features"]                                       # as written by the first release
+    meta_path.write_text(json.dumps(meta))
+    loaded, _ = load_artifact(tmp_path)
+    assert not loaded.cfg.match_features and torch.equal(loaded(b), old(b))
 
 
 def test_missing_artifact_is_a_clear_error(tmp_path):

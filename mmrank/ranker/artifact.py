@@ -94,7 +94,9 @@ def load_artifact(artifacts_dir: str | Path, version: str | None = None) -> tupl
     if not (folder / META_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
         raise ArtifactError(f"model version {version!r} not found or incomplete in {folder}")
     meta = json.loads((folder / META_FILE).read_text())
-    model = FusionRanker(ModalityDims(**meta["dims"]), TrainConf.model_validate(meta["train"]))
+    # artifacts written before `match_features` existed were trained without them
+    train_cfg = TrainConf.model_validate({"match_features": False, **meta["train"]})
+    model = FusionRanker(ModalityDims(**meta["dims"]), train_cfg)
     try:
         state = load_file(str(folder / WEIGHTS_FILE))
     except (SafetensorError, OSError, ValueError) as err:

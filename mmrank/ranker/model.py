@@ -7,7 +7,11 @@ Architecture (all sizes from TrainConf):
 - fusion `concat`: MLP over [z_text*m_t, z_image*m_i, z_audio*m_a, m] (the design-notes baseline);
   fusion `gated`: weights w_m = softmax over *present* modalities of gate([q, z_m]) + per-modality bias,
   absent modalities weight 0 (all 0 when no modality is present); fused = sum_m w_m z_m;
-- scorer MLP on [q, fused, q*fused] with dropout -> one score per slot.
+- scorer MLP on [q, fused, q*fused, match] with dropout -> one score per slot, where `match` (with
+  `cfg.match_features`) holds the cosines query-text/product-text and query-audio/product-audio (same encoder,
+  same space), each 0 unless both sides have that modality and the product modality is allowed and unmasked.
+  A projection can learn such an interaction only from many queries; given explicitly, it is a strong prior
+  that needs no training data (the similarity baseline is this cosine alone).
 
 Modalities: product modalities outside `cfg.modalities` are masked out everywhere (single-modality models
 use the same code). Query modalities are always used: a query is the information need, not a feature
@@ -23,6 +27,9 @@ from mmrank.config import TrainConf
 from mmrank.ranker.batch import PRODUCT_MODALITIES, QUERY_MODALITIES, Batch, ModalityDims
 
 N_PRODUCT_MODALITIES = len(PRODUCT_MODALITIES)
+MATCHED = tuple(m for m in PRODUCT_MODALITIES if m in QUERY_MODALITIES)  # modalities with a query-side twin
+_MATCHED_PRODUCT = [PRODUCT_MODALITIES.index(m) for m in MATCHED]
+_MATCHED_QUERY = [QUERY_MODALITIES.index(m) for m in MATCHED]
 
 
 def _projection(in_dim: int, out_dim: int) -> nn.Module:
@@ -54,13 +61,15 @@ class FusionRanker(nn.Module):
         else:
             self.gate = _mlp(2 * p, cfg.hidden_dim, 1, 0.0)
             self.gate_bias = nn.Parameter(torch.zeros(N_PRODUCT_MODALITIES))
-        self.scorer = _mlp(3 * p, cfg.hidden_dim, 1, cfg.dropout)
+        self.n_match = len(MATCHED) if cfg.match_features else 0
+        self.scorer = _mlp(3 * p + self.n_match, cfg.hidden_dim, 1, cfg.dropout)
         self.register_buffer("allowed", torch.tensor([float(m in cfg.modalities) for m in PRODUCT_MODALITIES]),
                              persistent=False)
 
     # ---- pieces -------------------------------------------------------------------------------------------
-    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities`; no modality dropout)."""
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities` (no modality dropout),
+        match [B, L, len(MATCHED)] raw query-product cosines, 0 where the query lacks the modality)."""
         q_mask = batch["q_mask"]
         q_parts = torch.stack([_masked(self.query_proj[m](_masked(batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
                                for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
@@ -68,7 +77,18 @@ class FusionRanker(nn.Module):
         mask = batch["p_mask"] * self.allowed
         z = torch.stack([self.product_proj[m](_masked(batch[f"p_{m}"], mask[..., i]))
                          for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
-        return q, _masked(z, mask), mask
+        return q, _masked(z, mask), mask, self._match(batch)
+
+    def _match(self, batch: Batch) -> torch.Tensor:
+        B, L = batch["p_mask"].shape[:2]
+        if not self.n_match:
+            return batch["p_mask"].new_zeros(B, L, 0)
+        cos = []
+        for m, qi, pi in zip(MATCHED, _MATCHED_QUERY, _MATCHED_PRODUCT):
+            q = _masked(batch[f"q_{m}"], batch["q_mask"][:, qi]).unsqueeze(1)       # absent -> 0 -> cosine 0
+            p = _masked(batch[f"p_{m}"], batch["p_mask"][..., pi])
+            cos.append(nn.functional.cosine_similarity(q, p, dim=-1, eps=1e-8))
+        return torch.stack(cos, dim=-1)
 
     def _gate_weights(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         qe = q[:, None, None, :].expand_as(z)
@@ -83,11 +103,12 @@ class FusionRanker(nn.Module):
             return self.fusion(torch.cat([z.flatten(start_dim=2), mask], dim=-1))
         return (self._gate_weights(q, z, mask).unsqueeze(-1) * z).sum(dim=2)
 
-    def score(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] scores from encoded inputs under `mask`."""
+    def score(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+        """[B, L] scores from encoded inputs under `mask` (a masked product modality also hides its match)."""
         fused = self.fuse(q, z, mask)
         qe = q.unsqueeze(1).expand_as(fused)
-        return self.scorer(torch.cat([qe, fused, qe * fused], dim=-1)).squeeze(-1)
+        match = match * mask[..., _MATCHED_PRODUCT] if self.n_match else match
+        return self.scorer(torch.cat([qe, fused, qe * fused, match], dim=-1)).squeeze(-1)
 
     def modality_dropout(self, mask: torch.Tensor) -> torch.Tensor:
         """Drop each present modality with prob `cfg.modality_dropout` (global torch RNG); an item that would
@@ -102,10 +123,10 @@ class FusionRanker(nn.Module):
     # ---- public -------------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scores [B, L]; padding slots get a finite but meaningless score."""
-        q, z, mask = self.encode(batch)
+        q, z, mask, match = self.encode(batch)
         if self.training:
             mask = self.modality_dropout(mask)
-        return self.score(q, z, mask)
+        return self.score(q, z, mask, match)
 
     @torch.no_grad()
     def score_and_contributions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,15 +137,15 @@ class FusionRanker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            q, z, mask = self.encode(batch)
-            full = self.score(q, z, mask)
+            q, z, mask, match = self.encode(batch)
+            full = self.score(q, z, mask, match)
             out = torch.zeros_like(mask)
             for i in range(N_PRODUCT_MODALITIES):
                 if not bool((mask[..., i] > 0).any()):
                     continue
                 occluded = mask.clone()
                 occluded[..., i] = 0.0
-                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded), 0.0)
+                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, match), 0.0)
             return full, out
         finally:
             self.train(was_training)
@@ -139,5 +160,5 @@ class FusionRanker(nn.Module):
         0 for absent ones). ValueError for concat fusion."""
         if self.cfg.fusion != "gated":
             raise ValueError("gate_weights needs fusion='gated'")
-        q, z, mask = self.encode(batch)
+        q, z, mask, _ = self.encode(batch)
         return self._gate_weights(q, z, mask)
