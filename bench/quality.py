@@ -175,15 +175,12 @@ def main(argv: list[str] | None = None) -> int:
                  if v is not None]
         out.append(bench_dataset("sample", args, sizes))
     if not args.skip_fashion:
-        fashion_dir = load_config(args.conf, args.set).resolve_path(load_config(args.conf, args.set)
-                                                                   .ingest.fashion_dir)
+        cfg = load_config(args.conf, args.set)
+        fashion_dir = cfg.resolve_path(cfg.ingest.fashion_dir)
         if not (fashion_dir / "styles.csv").exists():
             out.append(f"### fashion: skipped, no data at {fashion_dir} (styles.csv missing)\n")
         else:
-            try:
-                out.append(bench_dataset("fashion", args, []))
-            except NotImplementedError:
-                out.append("### fashion: skipped, mmrank.data.fashion.ingest_fashion is not implemented yet\n")
+            out.append(bench_dataset("fashion", args, []))
     print("\n" + "\n".join(out))
     return 0
 
