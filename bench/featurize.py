@@ -23,12 +23,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from mmrank.config import FeaturesConf, load_config  # noqa: E402
-from mmrank.encoders import get_encoder  # noqa: E402
 from mmrank.encoders.device import set_threads  # noqa: E402
-from mmrank.encoders.synth import image_bytes, wav_bytes  # noqa: E402
+from mmrank.encoders.registry import get_encoder  # noqa: E402
+from mmrank.modalities import PRODUCT_MODALITIES as MODALITIES  # noqa: E402
+from mmrank.testing.media import image_bytes, wav_bytes  # noqa: E402
 
 THREADS = 2
-MODALITIES = ("text", "image", "audio")
 _WORDS = (["red", "blue", "green", "black", "white", "leather", "cotton", "wireless", "classic", "slim"],
           ["running shoe", "jacket", "mug", "speaker", "backpack", "sneaker", "dress", "headphones", "lamp"])
 
@@ -45,7 +45,7 @@ def synthetic_items(n: int, seed: int = 0) -> dict[str, list]:
 def lakehouse_items(lh, n: int) -> dict[str, list] | None:
     from pyspark.sql import functions as F
 
-    from mmrank.featurize import product_text
+    from mmrank.stages.featurize import product_text
 
     if not lh.exists("products"):
         return None
@@ -69,7 +69,7 @@ def time_direct(enc, batches: list[list]) -> float:
 
 
 def time_spark(df, cfg: FeaturesConf) -> float:
-    from mmrank.featurize import encode_frame
+    from mmrank.stages.featurize import encode_frame
 
     t0 = time.perf_counter()
     encode_frame(df, cfg, THREADS).write.format("noop").mode("overwrite").save()

@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from mmrank.cli import setup_logging  # noqa: E402
 from mmrank.config import load_config  # noqa: E402
-from mmrank.eval_report import markdown_table, metric_label  # noqa: E402
+from mmrank.report import md_table, metric_label  # noqa: E402
 from mmrank.lakehouse import Lakehouse  # noqa: E402
 
 log = logging.getLogger("mmrank")
@@ -48,34 +48,28 @@ def _lakehouse(root: Path, args, extra: list[str]) -> Lakehouse:
 
 def _prepare(lh: Lakehouse, dataset: str, run_date: dt.date, args) -> None:
     """Data -> features -> lists -> train. With --reuse, data and features already in the lakehouse are kept."""
-    from mmrank import featurize, training_lists
+    from mmrank.stages import featurize, generate, ingest, labels, train, training_lists
 
     t0 = time.perf_counter()
     if not (args.reuse and lh.exists("labels")):
         if dataset == "sample":
-            from mmrank.data import build_sample_lakehouse
-
-            build_sample_lakehouse(lh, run_date)
+            generate.run(lh, run_date)
+            ingest.run(lh, run_date)
         else:
-            from mmrank import labels
-            from mmrank.data.fashion import ingest_fashion
-
-            ingest_fashion(lh, run_date, limit=args.fashion_limit)
-            labels.run(lh, run_date)
+            ingest.run(lh, run_date, source="fashion", limit=args.fashion_limit)
+        labels.run(lh, run_date)
         log.info("bench: %s data ready in %.0fs", dataset, time.perf_counter() - t0)
     if not (args.reuse and lh.exists("product_features") and lh.read("product_features").limit(1).count()):
         featurize.run(lh, run_date)
     log.info("bench: lists %s", training_lists.run(lh, run_date))
     try:
-        from mmrank import train
-
         log.info("bench: train %s", train.run(lh, run_date, backend="local"))
     except Exception as e:  # the artifact model is optional for the benchmark; say why it is missing
         log.warning("bench: train stage failed (%s: %s); `fusion` artifact not evaluated", type(e).__name__, e)
 
 
 def _evaluate(lh: Lakehouse, dataset: str, run_date: dt.date, seeds: list[int]) -> tuple[pd.DataFrame, list]:
-    from mmrank import evaluate
+    from mmrank.stages import evaluate
 
     frames, notes = [], []
     for seed in seeds:
@@ -86,7 +80,7 @@ def _evaluate(lh: Lakehouse, dataset: str, run_date: dt.date, seeds: list[int]) 
         evaluate.run(run_lh, run_date, dataset=name)
         rows = run_lh.read("metrics").where(f"dataset = '{name}'").toPandas()
         frames.append(rows.assign(seed=seed))
-        notes.append(cfg.resolve_path(cfg.storage.reports_dir) / run_date.isoformat() / f"evaluation_{name}.md")
+        notes.append(run_lh.paths.reports(run_date) / f"evaluation_{name}.md")
     return pd.concat(frames), notes
 
 
@@ -102,7 +96,7 @@ def summary(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _with_sd(mean: pd.DataFrame, sd: pd.DataFrame, n_seeds: int) -> str:
     if n_seeds == 1:
-        return markdown_table(mean)
+        return md_table(mean.rename_axis("model").reset_index())
     txt = mean.copy().astype(object)
     for c in mean.columns:
         txt[c] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(mean[c], sd[c].fillna(0))]

@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from mmrank.modalities import PRODUCT_MODALITIES  # noqa: E402
+
 DIMS = {"text": 384, "image": 512, "audio": 128}  # MiniLM text, ResNet-18 image, log-mel CNN audio sizes
 
 
@@ -42,7 +44,7 @@ def random_pairs(n: int, n_queries: int, seed: int = 0, missing: float = 0.1) ->
             drop = rng.random(n_queries) < 0.7  # most queries are typed
             vals = [None if drop[i] else v for i, v in zip(qi, vals)]
         cols[f"q_{m}"] = vals
-    for m in ("text", "image", "audio"):
+    for m in PRODUCT_MODALITIES:
         arr = rng.normal(size=(n, DIMS[m])).astype(np.float32)
         gone = rng.random(n) < (missing if m != "text" else 0.0)
         cols[f"p_{m}"] = [None if g else a for g, a in zip(gone, arr)]
@@ -73,16 +75,17 @@ def ndcg_of(pairs: pd.DataFrame, scores: np.ndarray, grades: np.ndarray, k: int 
 def stacked(frames: list[pd.DataFrame], dims) -> list[tuple[dict, dict]]:
     """The batches as ready numpy matrices + masks (what `score_pairs` takes): the direct path then times the
     model only, the strictest baseline for the Spark path (which also converts Arrow columns)."""
-    from mmrank.score import P_MODALITIES, Q_MODALITIES, _stack
+    from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+    from mmrank.scoring.scorer import column_matrix
 
     out = []
     for f in frames:
         q, qm, p, pm = {}, [], {}, []
-        for m in Q_MODALITIES:
-            q[m], pres = _stack(f[f"q_{m}"], dims[m], m)
+        for m in QUERY_MODALITIES:
+            q[m], pres = column_matrix(f[f"q_{m}"], dims[m], m)
             qm.append(pres)
-        for m in P_MODALITIES:
-            p[m], pres = _stack(f[f"p_{m}"], dims[m], m)
+        for m in PRODUCT_MODALITIES:
+            p[m], pres = column_matrix(f[f"p_{m}"], dims[m], m)
             pm.append(pres)
         q["mask"], p["mask"] = np.stack(qm, 1), np.stack(pm, 1)
         out.append((q, p))
@@ -92,7 +95,7 @@ def stacked(frames: list[pd.DataFrame], dims) -> list[tuple[dict, dict]]:
 def time_direct(model, batches, dims, threads: int, repeats: int) -> tuple[float, np.ndarray]:
     import torch
 
-    from mmrank.score import score_pairs
+    from mmrank.scoring.scorer import score_pairs
 
     torch.set_num_threads(threads)
     score_pairs(model, *batches[0], dims)  # warm-up
@@ -107,7 +110,7 @@ def time_direct(model, batches, dims, threads: int, repeats: int) -> tuple[float
 
 def time_spark(df, artifacts_dir: str, version: str, quantize: bool, batch_size: int, engine: str,
                repeats: int) -> float:
-    from mmrank.score import SCORED_SCHEMA, make_arrow_partition_scorer, make_partition_scorer
+    from mmrank.scoring.scorer import SCORED_SCHEMA, make_arrow_partition_scorer, make_partition_scorer
 
     if engine == "arrow":
         fn = make_arrow_partition_scorer(artifacts_dir, version, quantize, batch_size)
@@ -141,8 +144,8 @@ def lakehouse_ndcg(lh, artifacts_dir: str) -> tuple[float, float, str] | None:
     import torch
 
     from mmrank.ranker.metrics import has_relevant, mean_metric, ndcg_at_k
-    from mmrank.score import load_scorer, resolve_version
-    from mmrank.training_lists import load_split
+    from mmrank.scoring.scorer import load_scorer, resolve_version
+    from mmrank.stages.training_lists import load_split
 
     if not lh.exists("training_lists"):
         return None
@@ -180,9 +183,9 @@ def main(argv=None) -> int:
     from mmrank.config import TrainConf, load_config
     from mmrank.lakehouse import Lakehouse
     from mmrank.ranker.artifact import save_artifact
-    from mmrank.ranker.batch import ModalityDims
+    from mmrank.modalities import ModalityDims
     from mmrank.ranker.fit import build_model
-    from mmrank.score import load_scorer, model_dims
+    from mmrank.scoring.scorer import load_scorer
     from mmrank.spark import get_spark
 
     tmp = Path(tempfile.mkdtemp(prefix="mmrank-bench-"))
@@ -211,8 +214,8 @@ def main(argv=None) -> int:
 
     results = {}
     for quant in (False, True):
-        m, meta = load_scorer(adir, version, quant)
-        dims = model_dims(m, meta)
+        m, _ = load_scorer(adir, version, quant)
+        dims = m.dims.as_dict()
         batches = stacked(frames, dims)
         d_budget, s_budget = time_direct(m, batches, dims, slots, args.repeats)
         d_one, _ = time_direct(m, batches, dims, 1, args.repeats)
@@ -245,7 +248,7 @@ def main(argv=None) -> int:
           f"{nd[True] - nd[False]:+.4f} (fp32 {nd[False]:.4f}, int8 {nd[True]:.4f}); "
           f"score correlation {top_agree:.4f}")
     if args.lakehouse:
-        got = lakehouse_ndcg(lh, str(cfg.resolve_path(cfg.storage.artifacts_dir)))
+        got = lakehouse_ndcg(lh, str(lh.paths.artifacts))
         if got:
             print(f"int8 - fp32 NDCG@10 on the lakehouse test split (model {got[2]}): {got[1] - got[0]:+.4f} "
                   f"(fp32 {got[0]:.4f}, int8 {got[1]:.4f})")

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmrank.config import load_config  # noqa: E402
 from mmrank.distributed.backends import train_with_backend, world_size_of  # noqa: E402
 from mmrank.lakehouse import Lakehouse  # noqa: E402
-from mmrank.ranker.batch import ModalityDims  # noqa: E402
+from mmrank.modalities import ModalityDims  # noqa: E402
 
 SAMPLE_DIMS = ModalityDims(text=384, image=512, audio=232)
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     from mmrank.spark import get_spark
-    from mmrank.train import infer_dims
+    from mmrank.stages.training_lists import list_dims
 
     root = Path(tempfile.mkdtemp(prefix="mmrank-bench-"))
     common = [f"train.max_epochs={args.epochs}", "train.patience=100", f"train.num_proc={args.num_proc}",
@@ -58,9 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(None, common + paths)
     lh = Lakehouse(get_spark(cfg), cfg)
     if args.sample:
-        dims, source = infer_dims(lh), "sample lakehouse training_lists"
+        dims, source = list_dims(lh), "sample lakehouse training_lists"
     else:
-        from mmrank.distributed.synthetic import synthetic_lists_df
+        from mmrank.testing.lists import synthetic_lists_df
 
         dims, source = SAMPLE_DIMS, f"synthetic training_lists ({args.queries} queries)"
         lists = synthetic_lists_df(lh.spark, args.queries, cfg.train.list_size, dims, seed=1)

@@ -5,11 +5,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrank.cli import job_parser, run_job  # noqa: E402
+from mmrank.stages import training_lists  # noqa: E402
 
 
 def main(lh, args):
-    from mmrank import training_lists
-
     return training_lists.run(lh, args.run_date)
 
 

@@ -5,11 +5,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrank.cli import job_parser, run_job  # noqa: E402
+from mmrank.stages import evaluate  # noqa: E402
 
 
 def main(lh, args):
-    from mmrank import evaluate
-
     return evaluate.run(lh, args.run_date, dataset=args.dataset)
 
 

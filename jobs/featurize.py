@@ -5,11 +5,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrank.cli import job_parser, run_job  # noqa: E402
+from mmrank.stages import featurize  # noqa: E402
 
 
 def main(lh, args):
-    from mmrank import featurize
-
     return featurize.run(lh, args.run_date)
 
 

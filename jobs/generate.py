@@ -5,11 +5,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrank.cli import job_parser, run_job  # noqa: E402
-from mmrank.data import landing  # noqa: E402
+from mmrank.stages import generate  # noqa: E402
 
 
 def main(lh, args):
-    return landing.run(lh, args.run_date)
+    return generate.run(lh, args.run_date)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrank.cli import job_parser, run_job  # noqa: E402
-from mmrank.data import ingest  # noqa: E402
+from mmrank.stages import ingest  # noqa: E402
 
 
 def parser():

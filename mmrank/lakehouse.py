@@ -11,7 +11,6 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from pathlib import Path
 from typing import Callable
 
 from delta.exceptions import DeltaConcurrentModificationException
@@ -20,6 +19,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mmrank.config import MMRankConfig
+from mmrank.paths import StoragePaths
 from mmrank.tables import TableSpec, spec
 
 
@@ -48,6 +48,7 @@ class Lakehouse:
     def __init__(self, spark: SparkSession, cfg: MMRankConfig):
         self.spark = spark
         self.cfg = cfg
+        self.paths = StoragePaths(cfg)
         st = cfg.storage
         self.root = cfg.resolve_path(st.root) if st.kind == "path" else None
         if st.kind == "metastore":
@@ -233,12 +234,6 @@ class Lakehouse:
         self.replace_date("quarantine", rows, run_date, extra=f"stage = '{_safe_name(stage)}'")
         rows.unpersist()
         return n
-
-    def work_path(self, *parts: str) -> Path:
-        """A scratch folder under storage.work_dir (petastorm cache, checkpoints, ...)."""
-        p = self.cfg.resolve_path(self.cfg.storage.work_dir).joinpath(*parts)
-        p.mkdir(parents=True, exist_ok=True)
-        return p
 
 
 def _is_commit_conflict(e: BaseException) -> bool:

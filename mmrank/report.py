@@ -1,19 +1,17 @@
-"""The nightly evaluation report: one Markdown file with PNG plots under `storage.reports_dir/<run_date>/`.
+"""Reports: Markdown files with PNG plots under `storage.reports_dir/<run_date>/`, one table writer and one plot
+set-up for all of them.
 
-Sections (each skipped with a note when its input table is empty):
-- pipeline runs of the date (`runs`): stage, status, duration, model version, counts;
-- metrics per model / modality variant for the date (`metrics`), as a table and a grouped bar plot;
-- the metric trend across run dates (`metrics`), one line per model;
-- score distributions of the date's `ranking_scores` (histogram, score by rank);
-- modality contributions (`ranking_scores.contrib_*`): mean |contribution| and presence per modality,
-  split by query kind (typed / voice) when `queries` is available.
-
-It only aggregates tables; the evaluate stage's own per-evaluation plot lives in `mmrank/eval_report.py`.
-`write_report(lh, run_date) -> Path` is called by the nightly pipeline after `evaluate`.
+- `write_evaluation` (the evaluate stage): `metrics_<dataset>.json`, `evaluation_<dataset>.md` and its bar plot
+  `evaluation_<dataset>.png` (models x NDCG/MAP/MRR, one panel per evaluation target);
+- `write_nightly` (the report stage): `nightly_report.md` with the date's pipeline runs (`runs`), the metrics per
+  model (`metrics`, linking the evaluation plots rather than drawing them again), the metric trend across run
+  dates, score distributions of the date's `ranking_scores` and modality contributions (`contrib_*`, split by
+  query kind). A section whose input table is empty says so.
 """
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 from pathlib import Path
 
@@ -22,89 +20,134 @@ import pandas as pd
 from pyspark.sql import functions as F
 
 from mmrank.lakehouse import Lakehouse, sql_date
+from mmrank.modalities import PRODUCT_MODALITIES
 
 log = logging.getLogger("mmrank.report")
 
-REPORT_FILE = "nightly_report.md"
-MODALITIES = ("text", "image", "audio")
+NIGHTLY_FILE = "nightly_report.md"
+PLOT_METRICS = ("ndcg", "map", "mrr")  # bounded in [0, 1]; DCG is in the tables only
+COLOURS = ("#4477aa", "#ee6677", "#228833")
 
 
-def report_dir(lh: Lakehouse, run_date: dt.date) -> Path:
-    return lh.cfg.resolve_path(lh.cfg.storage.reports_dir) / run_date.isoformat()
-
-
-def _plt():
+def plt():
+    """matplotlib.pyplot on the headless Agg backend (files only)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as pyplot
 
-    return plt
+    return pyplot
 
 
-def _md_table(df: pd.DataFrame, floatfmt: str = "{:.4f}") -> str:
+def save(fig, path: Path, dpi: int = 100) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt().close(fig)
+
+
+def md_table(df: pd.DataFrame, floatfmt: str = "{:.4f}", na: str = "") -> str:
+    """A GitHub Markdown table of `df` (no tabulate dependency); floats through `floatfmt`, NaN as `na`."""
     if df.empty:
         return "_(none)_"
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(str(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
     for row in df.itertuples(index=False):
-        cells = []
-        for v in row:
-            if isinstance(v, (float, np.floating)):
-                cells.append("" if np.isnan(v) else floatfmt.format(v))
-            else:
-                cells.append(str(v).replace("|", "\\|"))
+        cells = [(na if np.isnan(v) else floatfmt.format(v)) if isinstance(v, (float, np.floating))
+                 else str(v).replace("|", "\\|") for v in row]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _date_filter(run_date: dt.date):
+# ---- evaluation tables and plot ------------------------------------------------------------------------
+def metric_label(metric: str, k: int | None) -> str:
+    return f"{metric}@{int(k)}" if k is not None and not pd.isna(k) else metric
+
+
+def wide_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """model x metric-label table of `metrics` rows (columns model, ndcg@5, ...; models in input order)."""
+    df = rows.assign(label=[metric_label(m, k) for m, k in zip(rows["metric"], rows["k"])])
+    order = list(dict.fromkeys(df["model_name"]))
+    cols = list(dict.fromkeys(df["label"]))
+    wide = df.pivot(index="model_name", columns="label", values="value").loc[order, cols]
+    wide.columns.name = None
+    return wide.rename_axis("model").reset_index()
+
+
+def bar_plot(tables: dict[str, pd.DataFrame], path: Path, title: str) -> None:
+    """One grouped bar panel (models x bounded metrics) per evaluation target (split)."""
+    n_models = max(len(t) for t in tables.values())
+    fig, axes = plt().subplots(len(tables), 1, figsize=(max(6, 1.3 * n_models), 4 * len(tables)), squeeze=False)
+    for ax, (split, table) in zip(axes[:, 0], tables.items()):
+        cols = [c for c in table.columns if c.split("@")[0] in PLOT_METRICS]
+        table.set_index("model")[cols].plot.bar(ax=ax, ylim=(0, 1), rot=30)
+        ax.set_title(f"{title} ({split})")
+        ax.set_ylabel("value")
+        ax.set_xlabel("")
+        ax.legend(ncol=len(cols), fontsize=8, loc="lower right")
+    save(fig, path, dpi=110)
+
+
+def evaluation_files(out_dir: Path, dataset: str) -> dict[str, Path]:
+    return {ext: out_dir / f"{'metrics' if ext == 'json' else 'evaluation'}_{dataset}.{ext}"
+            for ext in ("json", "md", "png")}
+
+
+def write_evaluation(out_dir: Path, dataset: str, rows: pd.DataFrame, meta: dict) -> dict[str, Path]:
+    """Write `metrics_<dataset>.json`, `evaluation_<dataset>.md` and `.png` into `out_dir`; return the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = evaluation_files(out_dir, dataset)
+    records = rows.astype(object).where(rows.notna(), None).to_dict("records")
+    paths["json"].write_text(json.dumps({"meta": meta, "metrics": records}, indent=1, default=str))
+    tables = {split: wide_table(part) for split, part in rows.groupby("split", sort=False)}
+    bar_plot(tables, paths["png"], f"{dataset}: metrics per model")
+    notes = "\n".join(f"- {n}" for n in meta.get("notes", []))
+    sections = "\n\n".join(f"## {split}\n\n{md_table(t, na='n/a')}" for split, t in tables.items())
+    paths["md"].write_text(
+        f"# Evaluation: {dataset} ({meta.get('run_date')})\n\n"
+        f"Test split: {meta.get('test_lists')} query lists; seed {meta.get('seed')}; "
+        f"lists without a relevant item: `{meta.get('no_relevant')}`. `test` = grades from `labels`; "
+        f"`test_judgments` (if present) = the same lists graded by `judgments`.\n\n"
+        f"{sections}\n\n![metrics]({paths['png'].name})\n\n{notes}\n")
+    return paths
+
+
+# ---- nightly report sections ---------------------------------------------------------------------------
+def _on(run_date: dt.date):
     return F.col("run_date") == F.lit(sql_date(run_date)).cast("date")
 
 
-# ---- sections -------------------------------------------------------------------------------------------
 def runs_section(lh: Lakehouse, run_date: dt.date) -> str:
-    runs = lh.read("runs").where(_date_filter(run_date)).toPandas()
+    runs = lh.read("runs").where(_on(run_date)).toPandas()
     if runs.empty:
         return "_no runs recorded for this date_"
     runs = runs.sort_values("started_at")
     runs["counts"] = runs["counts"].map(lambda c: ", ".join(f"{k}={v}" for k, v in sorted((c or {}).items())))
     runs["duration_s"] = runs["duration_s"].astype(float)
-    return _md_table(runs[["stage", "status", "duration_s", "model_version", "counts"]].fillna(""), "{:.1f}")
+    return md_table(runs[["stage", "status", "duration_s", "model_version", "counts"]].fillna(""), "{:.1f}")
 
 
 def metrics_section(lh: Lakehouse, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
-    """Per dataset: model x metric tables per split and the bar plot, with the evaluate stage's helpers."""
-    from mmrank import eval_report
-
-    m = lh.read("metrics").where(_date_filter(run_date)).toPandas()
+    """Per dataset and split: the model x metric table; the evaluate stage's plot of the dataset is linked."""
+    m = lh.read("metrics").where(_on(run_date)).toPandas()
     if m.empty:
         return "_no metrics for this date (evaluate did not run?)_", []
     texts, files = [], []
     for dataset, part in m.groupby("dataset", sort=True):
         part = part.drop_duplicates(["split", "model_name", "metric", "k"])
-        tables = {split: eval_report.wide_table(g) for split, g in part.groupby("split", sort=True)}
-        name = f"metrics_{dataset}.png".replace("/", "_").replace(":", "_")
-        eval_report.bar_plot(tables, out / name, f"{dataset}: metrics per model, {run_date}")
-        for split, table in tables.items():
-            versions = ", ".join(sorted({str(v) for v in part.loc[part["split"] == split, "model_version"]
-                                         .dropna()}))
+        for split, g in part.groupby("split", sort=True):
+            versions = ", ".join(sorted({str(v) for v in g["model_version"].dropna()}))
             texts.append(f"**{dataset} / {split}** (model versions: {versions or 'n/a'})\n\n"
-                         + eval_report.markdown_table(table))
-        files.append(name)
+                         + md_table(wide_table(g), na="n/a"))
+        png = evaluation_files(out, str(dataset))["png"]
+        if png.exists():
+            files.append(png.name)
     note = ("Models: the fusion model and its single-modality variants / baselines as evaluated by the "
             "evaluate stage (one row per model_name).\n\n")
     return note + "\n\n".join(texts), files
 
 
-def primary_metric(lh: Lakehouse) -> tuple[str, int]:
-    ks = lh.cfg.evaluate.ks
-    return "ndcg", max(ks) if ks else 10
-
-
 def trend_section(lh: Lakehouse, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
-    plt = _plt()
-    metric, k = primary_metric(lh)
+    ks = lh.cfg.evaluate.ks
+    metric, k = "ndcg", max(ks) if ks else 10
     m = (lh.read("metrics").where(F.col("run_date") <= F.lit(sql_date(run_date)).cast("date"))
          .where(F.lower("metric") == metric).where(F.col("k") == k).toPandas())
     if m.empty:
@@ -112,31 +155,24 @@ def trend_section(lh: Lakehouse, run_date: dt.date, out: Path) -> tuple[str, lis
     split = "test" if (m["split"] == "test").any() else m["split"].iloc[0]
     m = m[m["split"] == split]
     piv = m.pivot_table(index="run_date", columns="model_name", values="value", aggfunc="mean").sort_index()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt().subplots(figsize=(7, 4))
     for col in piv.columns:
         ax.plot(piv.index, piv[col], marker="o", label=str(col))
     ax.set_title(f"{metric}@{k} ({split}) across runs")
     ax.set_xlabel("run_date")
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(out / "metric_trend.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / "metric_trend.png")
     tab = piv.reset_index()
     tab.columns.name = None
-    return f"{metric}@{k} on the {split} split, per run date:\n\n" + _md_table(tab), ["metric_trend.png"]
-
-
-def scores_frame(lh: Lakehouse, run_date: dt.date) -> pd.DataFrame:
-    return lh.read("ranking_scores").where(_date_filter(run_date)).toPandas()
+    return f"{metric}@{k} on the {split} split, per run date:\n\n" + md_table(tab), ["metric_trend.png"]
 
 
 def scores_section(sc: pd.DataFrame, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
-    plt = _plt()
     if sc.empty:
         return "_no ranking scores for this date_", []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    axes[0].hist(sc["score"].astype(float), bins=40, color="#4477aa")
+    fig, axes = plt().subplots(1, 2, figsize=(11, 4))
+    axes[0].hist(sc["score"].astype(float), bins=40, color=COLOURS[0])
     axes[0].set_title(f"score distribution ({len(sc)} rows)")
     axes[0].set_xlabel("score")
     by_rank = sc.groupby("rank")["score"].agg(["mean", "min", "max"]).sort_index()
@@ -146,15 +182,13 @@ def scores_section(sc: pd.DataFrame, run_date: dt.date, out: Path) -> tuple[str,
     axes[1].set_xlabel("rank")
     axes[1].legend()
     fig.suptitle(f"ranking_scores {run_date}")
-    fig.tight_layout()
-    fig.savefig(out / "score_distribution.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / "score_distribution.png")
     desc = sc["score"].astype(float).describe(percentiles=[0.05, 0.5, 0.95])
     stats = pd.DataFrame({"statistic": desc.index, "value": desc.to_numpy()})
     versions = ", ".join(sorted(sc["model_version"].unique()))
     head = (f"{len(sc)} rows, {sc['query_id'].nunique()} queries, {sc['product_id'].nunique()} products, "
             f"model {versions}, top-N = {int(sc['rank'].max())}\n\n")
-    return head + _md_table(stats), ["score_distribution.png"]
+    return head + md_table(stats), ["score_distribution.png"]
 
 
 def contribution_summary(sc: pd.DataFrame, kinds: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -166,9 +200,9 @@ def contribution_summary(sc: pd.DataFrame, kinds: pd.DataFrame | None = None) ->
         sc = sc.assign(kind="all")
     rows = []
     for kind, g in sc.groupby("kind"):
-        absmeans = {m: float(g[f"contrib_{m}"].abs().mean()) for m in MODALITIES}
+        absmeans = {m: float(g[f"contrib_{m}"].abs().mean()) for m in PRODUCT_MODALITIES}
         total = sum(absmeans.values()) or 1.0
-        for m in MODALITIES:
+        for m in PRODUCT_MODALITIES:
             c = g[f"contrib_{m}"].astype(float)
             rows.append({"query_kind": kind, "modality": m, "mean_abs": absmeans[m], "mean": float(c.mean()),
                          "share": absmeans[m] / total, "present": float((c != 0).mean()), "rows": len(g)})
@@ -176,29 +210,27 @@ def contribution_summary(sc: pd.DataFrame, kinds: pd.DataFrame | None = None) ->
 
 
 def contributions_section(lh: Lakehouse, sc: pd.DataFrame, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
-    plt = _plt()
     if sc.empty:
         return "_no ranking scores for this date_", []
     kinds = lh.read("queries").select("query_id", "kind").toPandas() if lh.exists("queries") else None
     summ = contribution_summary(sc, kinds)
-    piv = summ.pivot_table(index="query_kind", columns="modality", values="share").reindex(columns=MODALITIES)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    piv.plot.bar(ax=ax, stacked=True, rot=0, color=["#4477aa", "#ee6677", "#228833"])
+    piv = summ.pivot_table(index="query_kind", columns="modality", values="share").reindex(
+        columns=list(PRODUCT_MODALITIES))
+    fig, ax = plt().subplots(figsize=(6, 4))
+    piv.plot.bar(ax=ax, stacked=True, rot=0, color=list(COLOURS))
     ax.set_ylabel("share of mean |contribution|")
     ax.set_title(f"modality contributions {run_date}")
-    fig.tight_layout()
-    fig.savefig(out / "modality_contributions.png", dpi=100)
-    plt.close(fig)
+    save(fig, out / "modality_contributions.png")
     note = ("Contribution of modality m = score(all present modalities) - score(m masked) (occlusion); "
             "0 where the product has no m.\n\n")
-    return note + _md_table(summ), ["modality_contributions.png"]
+    return note + md_table(summ), ["modality_contributions.png"]
 
 
-def write_report(lh: Lakehouse, run_date: dt.date) -> Path:
+def write_nightly(lh: Lakehouse, run_date: dt.date) -> Path:
     """Write `<reports_dir>/<run_date>/nightly_report.md` with its PNG plots; returns the Markdown path."""
-    out = report_dir(lh, run_date)
+    out = lh.paths.reports(run_date)
     out.mkdir(parents=True, exist_ok=True)
-    sc = scores_frame(lh, run_date)
+    sc = lh.read("ranking_scores").where(_on(run_date)).toPandas()
     parts = [f"# mmrank nightly report {run_date}", "",
              f"Scores table: `{lh.location('ranking_scores')}` (run_date = {run_date}); "
              f"metrics: `{lh.location('metrics')}`.", ""]
@@ -212,133 +244,7 @@ def write_report(lh: Lakehouse, run_date: dt.date) -> Path:
     add("Metric trend across runs", *trend_section(lh, run_date, out))
     add("Score distributions", *scores_section(sc, run_date, out))
     add("Modality contributions", *contributions_section(lh, sc, run_date, out))
-    path = out / REPORT_FILE
+    path = out / NIGHTLY_FILE
     path.write_text("\n".join(parts))
     log.info("nightly report written to %s", path)
     return path
-
-
-# ---- interactive helpers (notebooks) --------------------------------------------------------------------
-def query_ranking(lh: Lakehouse, run_date: dt.date, query_id: str, n: int = 10) -> pd.DataFrame:
-    """One query's top-n for run_date with product title/brand/category and image bytes (when ingested)."""
-    sc = (lh.read("ranking_scores").where(_date_filter(run_date)).where(F.col("query_id") == query_id)
-          .where(F.col("rank") <= n))
-    if lh.exists("products"):
-        sc = sc.join(lh.read("products").select("product_id", "title", "brand", "category", "image_bytes"),
-                     "product_id", "left")
-    pdf = sc.toPandas().sort_values("rank").reset_index(drop=True)
-    for c in ("title", "brand", "category", "image_bytes"):
-        if c not in pdf.columns:
-            pdf[c] = None
-    return pdf
-
-
-def query_text(lh: Lakehouse, query_id: str) -> str:
-    """The query's text (or `[voice query]`), for titles."""
-    if not lh.exists("queries"):
-        return query_id
-    r = lh.read("queries").where(F.col("query_id") == query_id).select("query_text", "kind").first()
-    if r is None:
-        return query_id
-    return r["query_text"] if r["query_text"] else f"[{r['kind']} query]"
-
-
-def plot_query_ranking(ranking: pd.DataFrame, title: str = ""):
-    """Figure: one column per ranked product: its image, rank/score/title, and a bar of its text/image/audio
-    contributions. Products without an image show a blank tile."""
-    import io
-
-    plt = _plt()
-    from PIL import Image
-
-    n = max(1, len(ranking))
-    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 2]})
-    colors = ["#4477aa", "#ee6677", "#228833"]
-    lim = max(1e-6, float(ranking[[f"contrib_{m}" for m in MODALITIES]].abs().to_numpy().max())) if len(
-        ranking) else 1.0
-    for j in range(n):
-        ax_img, ax_bar = axes[0][j], axes[1][j]
-        ax_img.axis("off")
-        if j >= len(ranking):
-            ax_bar.axis("off")
-            continue
-        r = ranking.iloc[j]
-        if r.get("image_bytes") is not None and len(r["image_bytes"]):
-            ax_img.imshow(Image.open(io.BytesIO(bytes(r["image_bytes"]))).convert("RGB"))
-        label = str(r.get("title") or r["product_id"])[:28]
-        ax_img.set_title(f"#{int(r['rank'])} {r['score']:.3f}\n{label}", fontsize=7)
-        vals = [float(r[f"contrib_{m}"]) for m in MODALITIES]
-        ax_bar.bar(range(3), vals, color=colors)
-        ax_bar.set_xticks(range(3), ["txt", "img", "aud"], fontsize=7)
-        ax_bar.set_ylim(-lim * 1.1, lim * 1.1)
-        ax_bar.axhline(0, color="black", lw=0.5)
-        ax_bar.tick_params(axis="y", labelsize=6)
-    fig.suptitle(title or "ranking", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def compare_rankings(scores: pd.DataFrame, k: int = 10) -> pd.DataFrame:
-    """Per version pair: mean top-k overlap and mean Spearman rank correlation of scores per query.
-
-    `scores`: output of `mmrank.score.score_versions_local` (query_id, product_id, score@<version>...)."""
-    from scipy.stats import spearmanr
-
-    cols = [c for c in scores.columns if c.startswith("score@")]
-    rows = []
-    for i, a in enumerate(cols):
-        for b in cols[i + 1:]:
-            overlaps, rhos = [], []
-            for _, g in scores.groupby("query_id"):
-                top_a = set(g.sort_values([a, "product_id"], ascending=[False, True])["product_id"][:k])
-                top_b = set(g.sort_values([b, "product_id"], ascending=[False, True])["product_id"][:k])
-                overlaps.append(len(top_a & top_b) / max(1, min(k, len(g))))
-                if len(g) > 2:
-                    rhos.append(spearmanr(g[a], g[b]).statistic)
-            rows.append({"version_a": a[6:], "version_b": b[6:], f"overlap@{k}": float(np.mean(overlaps)),
-                         "spearman": float(np.nanmean(rhos)) if rhos else float("nan"),
-                         "queries": scores["query_id"].nunique()})
-    return pd.DataFrame(rows)
-
-
-def metrics_by_version(lh: Lakehouse) -> pd.DataFrame:
-    """All evaluation metrics, one row per (run_date, model_version, model_name, dataset, split), metric@k
-    columns: how model versions compare across nightly runs."""
-    from mmrank import eval_report
-
-    m = lh.read("metrics").toPandas()
-    if m.empty:
-        return m
-    m["label"] = [eval_report.metric_label(a, b) for a, b in zip(m["metric"], m["k"])]
-    wide = m.pivot_table(index=["run_date", "model_version", "model_name", "dataset", "split"],
-                         columns="label", values="value", aggfunc="mean").reset_index()
-    wide.columns.name = None
-    return wide.sort_values(["run_date", "model_name"]).reset_index(drop=True)
-
-
-def first_scored_query(lh: Lakehouse, run_date: dt.date) -> str:
-    """The smallest query_id with scores on run_date (a default for the inspection notebook)."""
-    r = (lh.read("ranking_scores").where(_date_filter(run_date)).select("query_id").orderBy("query_id")
-         .first())
-    if r is None:
-        raise LookupError(f"no ranking scores for {run_date}: run the score stage first")
-    return r[0]
-
-
-def table_overview(lh: Lakehouse) -> pd.DataFrame:
-    """Every contract table: exists, Delta version, row count."""
-    from mmrank.tables import TABLES
-
-    return pd.DataFrame([{"table": n, "exists": lh.exists(n), "delta_version": lh.version(n),
-                          "rows": lh.read(n).count() if lh.exists(n) else 0} for n in TABLES])
-
-
-def table_history(lh: Lakehouse, name: str, n: int = 10):
-    """The last `n` Delta commits of a table (version, timestamp, operation, parameters)."""
-    from delta.tables import DeltaTable
-
-    lh.ensure(name)
-    dt_ = (DeltaTable.forPath(lh.spark, lh.location(name)) if lh.root is not None
-           else DeltaTable.forName(lh.spark, lh.location(name)))
-    return dt_.history(n).select("version", "timestamp", "operation", "operationParameters")

@@ -7,6 +7,7 @@ import sys
 from pyspark.sql import SparkSession
 
 from mmrank.config import MMRankConfig
+from mmrank.paths import StoragePaths
 
 _DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -63,7 +64,7 @@ def get_spark(cfg: MMRankConfig) -> SparkSession:
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
-        .config("spark.sql.warehouse.dir", str(cfg.resolve_path(cfg.storage.root) / "_spark_warehouse"))
+        .config("spark.sql.warehouse.dir", str(StoragePaths(cfg).warehouse))
         .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=ERROR -Dderby.system.home=/tmp/derby")
     )
     for k, v in {**_DELTA_CONF, **sc.extra}.items():

@@ -10,7 +10,7 @@
 # COMMAND ----------
 
 # Parameters: Databricks widgets; locally (no dbutils) the defaults, or MMRANK_* environment variables.
-from mmrank.notebook import NotebookParams
+from mmrank.interactive import NotebookParams
 
 P = NotebookParams(globals())
 display, param = P.display, P.text
@@ -19,7 +19,7 @@ TABLE = param("table", "ranking_scores", "table")
 
 # COMMAND ----------
 
-from mmrank.nightly import open_lakehouse
+from mmrank.interactive import open_lakehouse
 
 lh = open_lakehouse(CONF or None, [o.strip() for o in OVERRIDES.split(";")])
 print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.location("runs").rsplit(".", 1)[0])
@@ -31,11 +31,11 @@ print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.l
 
 # COMMAND ----------
 
-from mmrank import report
+from mmrank import interactive
 from mmrank.tables import contracts_markdown
 
 print(contracts_markdown())
-sizes = report.table_overview(lh)
+sizes = interactive.table_overview(lh)
 display(sizes)
 
 # COMMAND ----------
@@ -48,7 +48,7 @@ display(sizes)
 df = lh.read(TABLE)
 df.printSchema()
 display(df.limit(20))
-display(report.table_history(lh, TABLE, 10))
+display(interactive.table_history(lh, TABLE, 10))
 
 # COMMAND ----------
 
@@ -57,6 +57,6 @@ display(report.table_history(lh, TABLE, 10))
 
 # COMMAND ----------
 
-from mmrank.nightly import stage_table
+from mmrank.interactive import stage_table
 
 display(stage_table(lh, RUN_DATE))

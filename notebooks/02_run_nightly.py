@@ -11,7 +11,7 @@
 # COMMAND ----------
 
 # Parameters: Databricks widgets; locally (no dbutils) the defaults, or MMRANK_* environment variables.
-from mmrank.notebook import NotebookParams
+from mmrank.interactive import NotebookParams
 
 P = NotebookParams(globals())
 display, param = P.display, P.text
@@ -23,7 +23,7 @@ FORCE_TRAIN = param("force_train", "false", "force training (true/false)").lower
 
 # COMMAND ----------
 
-from mmrank.nightly import open_lakehouse
+from mmrank.interactive import open_lakehouse
 
 lh = open_lakehouse(CONF or None, [o.strip() for o in OVERRIDES.split(";")])
 print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.location("runs").rsplit(".", 1)[0])
@@ -36,8 +36,9 @@ print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.l
 # COMMAND ----------
 
 from mmrank import nightly
+from mmrank.interactive import stage_table
 
-display(nightly.stage_table(lh, RUN_DATE))
+display(stage_table(lh, RUN_DATE))
 
 # COMMAND ----------
 
@@ -47,7 +48,7 @@ display(nightly.stage_table(lh, RUN_DATE))
 # COMMAND ----------
 
 opts = nightly.NightlyOptions(rerun=RERUN, from_stage=FROM_STAGE, force_train=FORCE_TRAIN)
-result = nightly.run_nightly(lh, RUN_DATE, opts, stages=nightly.select_stages(STAGES))
+result = nightly.run_nightly(lh, RUN_DATE, opts, steps=nightly.select_steps(STAGES))
 
 # COMMAND ----------
 
@@ -56,5 +57,5 @@ result = nightly.run_nightly(lh, RUN_DATE, opts, stages=nightly.select_stages(ST
 
 # COMMAND ----------
 
-display(nightly.stage_table(lh, RUN_DATE))
+display(stage_table(lh, RUN_DATE))
 print(result.summary())

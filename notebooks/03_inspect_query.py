@@ -9,7 +9,7 @@
 # COMMAND ----------
 
 # Parameters: Databricks widgets; locally (no dbutils) the defaults, or MMRANK_* environment variables.
-from mmrank.notebook import NotebookParams
+from mmrank.interactive import NotebookParams
 
 P = NotebookParams(globals())
 display, param = P.display, P.text
@@ -19,17 +19,17 @@ TOP_N = int(param("top_n", "10", "products shown"))
 
 # COMMAND ----------
 
-from mmrank.nightly import open_lakehouse
+from mmrank.interactive import open_lakehouse
 
 lh = open_lakehouse(CONF or None, [o.strip() for o in OVERRIDES.split(";")])
 print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.location("runs").rsplit(".", 1)[0])
 
 # COMMAND ----------
 
-from mmrank import report
+from mmrank import interactive
 
-QUERY_ID = QUERY_ID or report.first_scored_query(lh, RUN_DATE)
-ranking = report.query_ranking(lh, RUN_DATE, QUERY_ID, n=TOP_N)
+QUERY_ID = QUERY_ID or interactive.first_scored_query(lh, RUN_DATE)
+ranking = interactive.query_ranking(lh, RUN_DATE, QUERY_ID, n=TOP_N)
 display(ranking.drop(columns=["image_bytes"]))
 
 # COMMAND ----------
@@ -39,7 +39,7 @@ display(ranking.drop(columns=["image_bytes"]))
 
 # COMMAND ----------
 
-fig = report.plot_query_ranking(ranking, title=f"{QUERY_ID}: {report.query_text(lh, QUERY_ID)} ({RUN_DATE})")
+fig = interactive.plot_query_ranking(ranking, title=f"{QUERY_ID}: {interactive.query_text(lh, QUERY_ID)} ({RUN_DATE})")
 display(fig)
 
 # COMMAND ----------
@@ -49,4 +49,4 @@ display(fig)
 
 # COMMAND ----------
 
-display(report.contribution_summary(report.scores_frame(lh, RUN_DATE)))
+display(interactive.contribution_table(lh, RUN_DATE))

@@ -11,7 +11,7 @@
 # COMMAND ----------
 
 # Parameters: Databricks widgets; locally (no dbutils) the defaults, or MMRANK_* environment variables.
-from mmrank.notebook import NotebookParams
+from mmrank.interactive import NotebookParams
 
 P = NotebookParams(globals())
 display, param = P.display, P.text
@@ -22,7 +22,7 @@ K = int(param("k", "10", "top-k for overlap"))
 
 # COMMAND ----------
 
-from mmrank.nightly import open_lakehouse
+from mmrank.interactive import open_lakehouse
 
 lh = open_lakehouse(CONF or None, [o.strip() for o in OVERRIDES.split(";")])
 print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.location("runs").rsplit(".", 1)[0])
@@ -34,9 +34,11 @@ print("tables under", lh.location("runs").rsplit("/", 1)[0] if lh.root else lh.l
 
 # COMMAND ----------
 
-from mmrank import report, score
+from mmrank import interactive
+from mmrank.ranker.artifact import list_versions
+from mmrank.scoring.scorer import QUANT_SUFFIX
 
-display(report.metrics_by_version(lh))
+display(interactive.metrics_by_version(lh))
 
 # COMMAND ----------
 
@@ -45,9 +47,9 @@ display(report.metrics_by_version(lh))
 
 # COMMAND ----------
 
-available = score.available_versions(lh)
+available = list_versions(lh.paths.artifacts)
 print("available model versions:", available)
 versions = [v.strip() for v in VERSIONS.split(",") if v.strip()] or (
-    available[-2:] if len(available) >= 2 else [available[-1], available[-1] + score.QUANT_SUFFIX])
-scores = score.score_versions_local(lh, RUN_DATE, versions, max_queries=MAX_QUERIES)
-display(report.compare_rankings(scores, k=K))
+    available[-2:] if len(available) >= 2 else [available[-1], available[-1] + QUANT_SUFFIX])
+scores = interactive.score_versions_local(lh, RUN_DATE, versions, max_queries=MAX_QUERIES)
+display(interactive.compare_rankings(scores, k=K))

@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_change_the_fingerprint():
 
 @pytest.mark.parametrize("override, expect", [
     ("train.lr=-1", ["train.lr", "-1", "greater than 0"]),
-    ("train.fusion=sum", ["train.fusion", "'sum'", "'concat' or 'gated'"]),
+    ("train.fusion=sum", ["train.fusion", "'sum'", "known: concat, gated"]),
     ("trian.lr=1", ["unknown key", "trian"]),
     ("features.image.name=vgg", ["features.image.name", "'vgg'", "resnet18"]),
     ("train.split={train: 1.0}", ["train.split", "sum"]),

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from tests.conftest import make_config
-from mmrank import train as train_stage
+from mmrank.stages import train as train_stage
 from mmrank.distributed.backends import train_with_backend
 from mmrank.distributed.loaders import make_loader, prepare_specs
-from mmrank.distributed.synthetic import synthetic_lists_df
+from mmrank.testing.lists import synthetic_lists_df
 from mmrank.lakehouse import Lakehouse
 from mmrank.ranker.artifact import load_artifact
-from mmrank.ranker.batch import ModalityDims, concat_batches
+from mmrank.modalities import ModalityDims
+from mmrank.ranker.batch import concat_batches
 from mmrank.ranker.fit import build_model, validation_sums
 from mmrank.runs import stage_status
 
@@ -87,7 +88,7 @@ def test_torch_distributor_resume_and_artifact(dlh, local):
     """Stage-level flow: an interrupted 1-epoch run leaves a checkpoint; `train_and_save` resumes it to
     EPOCHS; the result equals an uninterrupted run; the saved artifact scores like the returned model."""
     lh = _with(dlh, backend="torch_distributor", data_loader="parquet")
-    ckpt = lh.work_path("checkpoints", train_stage.run_key(RUN_DATE, lh.cfg.train, "torch_distributor",
+    ckpt = lh.paths.checkpoints(train_stage.run_key(RUN_DATE, lh.cfg.train, "torch_distributor",
                                                            lh.version("training_lists")))
     short = _with(lh, max_epochs=1)
     first = train_with_backend(short, short.cfg.train, DIMS, checkpoint_dir=ckpt)  # "killed" after epoch 1
@@ -103,7 +104,7 @@ def test_torch_distributor_resume_and_artifact(dlh, local):
         torch.testing.assert_close(resumed.model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     assert abs(resumed.fit.best_metrics["ndcg@10"] - local.fit.best_metrics["ndcg@10"]) <= NDCG_TOL
 
-    model, meta = load_artifact(lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir), version)
+    model, meta = load_artifact(lh.paths.artifacts, version)
     assert (meta["backend"], meta["world_size"], meta["data_loader"]) == ("torch_distributor", 2, "parquet")
     assert meta["dims"] == {"text": DIMS.text, "image": DIMS.image, "audio": DIMS.audio}
     batch = _val_batch(lh)
@@ -120,5 +121,5 @@ def test_train_stage_records_run(dlh):
     assert counts["samples_per_sec"] > 0
     assert stage_status(lh, RUN_DATE, "train") == "succeeded"
     version = lh.read("runs").where("stage = 'train'").first()["model_version"]
-    _, meta = load_artifact(lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir), version)
+    _, meta = load_artifact(lh.paths.artifacts, version)
     assert meta["backend"] == "local" and meta["val_metrics"]["ndcg@10"] > 0

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from mmrank.config import FeaturesConf
-from mmrank.encoders import ENCODERS, ItemError, get_encoder
-from mmrank.encoders.synth import image_bytes, wav_bytes
+from mmrank.encoders.base import ItemError
+from mmrank.encoders.registry import get_encoder
+from mmrank.registry import ENCODERS
+from mmrank.testing.media import image_bytes, wav_bytes
 
 
 def tiny_bert_dir(root) -> str:
@@ -48,8 +50,10 @@ def test_registry_and_cache(tiny_bert):
     assert get_encoder("text", f) is enc  # one instance per process and config
     assert {"minilm", "bert"} <= set(ENCODERS["text"]) and {"resnet18", "resnet50"} <= set(ENCODERS["image"])
     assert (enc.modality, enc.dim, enc.precision, enc.device.type) == ("text", 32, "fp32", "cpu")
-    with pytest.raises(KeyError, match="not a registered encoder"):
-        get_encoder("audio", feats(audio={"name": "nope"}))
+    with pytest.raises(ValueError, match="'nope' is not registered for features.audio.name; known: logmel_cnn"):
+        feats(audio={"name": "nope"})  # config refuses a name no encoder registered
+    with pytest.raises(KeyError, match="unknown modality 'smell'"):
+        get_encoder("smell", f)
 
 
 def test_text_mean_pooling_norm_and_padding_invariance(tiny_bert):

@@ -8,7 +8,7 @@ from pyspark.sql import functions as F
 
 from _toy_lists import RUN_DATE, write_toy
 from conftest import make_config
-from mmrank import evaluate, training_lists
+from mmrank.stages import evaluate, training_lists
 from mmrank.lakehouse import Lakehouse
 
 
@@ -24,11 +24,10 @@ def evaluated(spark, tmp_path_factory):
                                           "run_date")
     lh.overwrite("judgments", judged)  # judgments == labels: test_judgments must equal test
     training_lists.run(lh, RUN_DATE)
-    frame = training_lists.read_split(lh, "train")
-    dims = training_lists.dims_of(frame, 10)
+    dims = training_lists.list_dims(lh)
     train = training_lists.load_split(lh, "train")
     model, _ = train_local(train, train, dims, lh.cfg.train)
-    version = save_artifact(model, {}, lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir))
+    version = save_artifact(model, {}, lh.paths.artifacts)
     extra = {"oracle": lambda b: b["grades"].numpy(), "anti_oracle": lambda b: -b["grades"].numpy()}
     counts = evaluate.run(lh, RUN_DATE, dataset="toy", extra=extra)
     rows = lh.read("metrics").toPandas()
@@ -65,7 +64,7 @@ def test_judgment_grades_match_when_judgments_equal_labels(evaluated):
 
 def test_report_files(evaluated):
     lh = evaluated[0]
-    out = lh.cfg.resolve_path(lh.cfg.storage.reports_dir) / RUN_DATE.isoformat()
+    out = lh.paths.reports(RUN_DATE)
     md, png, js = out / "evaluation_toy.md", out / "evaluation_toy.png", out / "metrics_toy.json"
     assert md.exists() and png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "| lightgbm_lambdamart |" in md.read_text() and "ndcg@10" in md.read_text()

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import FASHION_DIR, make_config
-from mmrank.data import ingest
+from mmrank.stages import ingest
 from mmrank.data.fashion import SOURCE
 from mmrank.lakehouse import Lakehouse
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from pyspark.sql import Row
 
-from mmrank import featurize
-from mmrank.encoders.synth import image_bytes, wav_bytes
+from mmrank.stages import featurize
+from mmrank.testing.media import image_bytes, wav_bytes
 from mmrank.lakehouse import Lakehouse
 from tests.conftest import make_config
 from tests.test_encoders import tiny_bert_dir
@@ -96,7 +96,7 @@ def test_featurize_incremental_quarantine_and_deletes(flh):
 
 def test_spark_path_matches_direct_encoder(flh):
     """The mapInPandas path returns what the encoder returns when called directly (same batches)."""
-    from mmrank.encoders import get_encoder
+    from mmrank.encoders.registry import get_encoder
 
     lh, cfg = flh, flh.cfg.features
     items = [image_bytes((i * 40 % 255, 80, 200 - i * 20), seed=i) for i in range(6)]

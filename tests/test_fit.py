@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from mmrank.config import TrainConf
-from mmrank.ranker import ModalityDims, batch_from_arrays, batches_fn, build_model, evaluate_lists, fit, train_local
-from mmrank.ranker.fit import load_checkpoint
+from mmrank.modalities import ModalityDims
+from mmrank.ranker.batch import batch_from_arrays
+from mmrank.ranker.fit import batches_fn, build_model, fit, load_checkpoint, train_local
+from mmrank.ranker.metrics import evaluate_lists
 
 DIMS = ModalityDims(text=8, image=6, audio=4)
 N_KINDS = 3

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from conftest import make_config
-from mmrank import labels
-from mmrank.data import ingest
+from mmrank.stages import labels
+from mmrank.stages import ingest
 from mmrank.data.landing import sample_layout, write_sample
 from mmrank.lakehouse import Lakehouse
 
@@ -28,7 +28,7 @@ def dirty(spark, tmp_path_factory):
     """A generated landing zone with injected bad input, ingested twice for the same run_date."""
     cfg = make_config(tmp_path_factory.mktemp("ingest"), f"ingest.max_text_chars={MAX_CHARS}")
     lh = Lakehouse(spark, cfg)
-    lay = sample_layout(cfg)
+    lay = sample_layout(lh.paths.landing)
     write_sample(cfg.generator, RUN_DATE, lay.root)
     products = pd.read_json(lay.products, lines=True)
     with_audio = products[products["audio_path"].notna()]

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import kendalltau
 
 from conftest import make_config
-from mmrank import labels
+from mmrank.stages import labels
 from mmrank.data import generator as gen
 from mmrank.lakehouse import Lakehouse
 

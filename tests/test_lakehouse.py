@@ -7,7 +7,8 @@ import pytest
 from pyspark.sql import Row
 
 from mmrank.lakehouse import SchemaMismatch, sql_date
-from mmrank.runs import stage_status, track_stage
+from mmrank.runs import stage_status
+from mmrank.stages import track_stage
 from mmrank.tables import TABLES, contracts_markdown
 
 D = dt.date(2026, 11, 21)

@@ -10,9 +10,9 @@ from pyspark.sql import functions as F
 
 from tests.conftest import make_config
 from mmrank.distributed.loaders import KEY_COL, make_loader, prepare_specs
-from mmrank.distributed.synthetic import synthetic_lists_df
+from mmrank.testing.lists import synthetic_lists_df
 from mmrank.lakehouse import Lakehouse
-from mmrank.ranker.batch import ModalityDims
+from mmrank.modalities import ModalityDims
 
 DIMS = ModalityDims(text=8, image=4, audio=4)
 L = 6
@@ -59,7 +59,7 @@ def test_each_row_reaches_exactly_one_rank(lists_lh, kind):
             pad = b["grades"] == -1
             assert torch.all(b["p_mask"][pad] == 0)
     if kind == "petastorm":  # converter caches are deleted on exit
-        cache = lists_lh.work_path("petastorm_cache")
+        cache = lists_lh.paths.petastorm_cache()
         assert not any(p.is_dir() for p in cache.iterdir())
 
 

@@ -3,7 +3,6 @@ the whole pipeline on a tiny sample, and the nightly report."""
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 
 import numpy as np
 import pandas as pd
@@ -12,32 +11,28 @@ from pyspark.sql import functions as F
 
 from mmrank import nightly
 from mmrank.lakehouse import Lakehouse
-from mmrank.runs import stage_status, track_stage
+from mmrank.runs import stage_status
+from mmrank.stages import stage, track_stage
+from mmrank.stages.train import train_due
 from tests.conftest import make_config
 
 D1 = dt.date(2026, 11, 20)
 
 
-def _fake_stages(calls: list, fail: set | None = None) -> list[nightly.Stage]:
-    """Stages that record their call; `a`..`c` track themselves like real stage modules, `d` does not."""
+def _fake_stages(calls: list, fail: set | None = None) -> list[nightly.Step]:
+    """Stages `a`..`d` built like the real ones (the `stage` decorator) that record their call."""
     fail = fail if fail is not None else set()
 
-    def tracked(name):
-        def fn(lh, run_date, opts):
+    def make(name):
+        @stage(name)
+        def run(lh, run_date, rec):
             calls.append(name)
             if name in fail:
                 raise RuntimeError(f"{name} exploded")
-            with track_stage(lh, name, run_date) as rec:
-                rec.counts["items"] = len(calls)
-            return dict(rec.counts)
-        return fn
+            return {"items": len(calls)}
+        return nightly.Step(run.stage, lambda lh, d, o: run(lh, d))
 
-    def untracked(lh, run_date, opts):
-        calls.append("d")
-        return {"things": 3}
-
-    return [nightly.Stage("a", tracked("a")), nightly.Stage("b", tracked("b")), nightly.Stage("c", tracked("c")),
-            nightly.Stage("d", untracked, tracked=False)]
+    return [make(n) for n in "abcd"]
 
 
 def _runs(lh) -> pd.DataFrame:
@@ -47,31 +42,31 @@ def _runs(lh) -> pd.DataFrame:
 def test_resume_skip_from_stage_and_failure(lh):
     calls: list = []
     out: list[str] = []
-    res = nightly.run_nightly(lh, D1, stages=_fake_stages(calls), echo=out.append)
+    res = nightly.run_nightly(lh, D1, steps=_fake_stages(calls), echo=out.append)
     assert calls == ["a", "b", "c", "d"] and res.ran == ["a", "b", "c", "d"]
     runs = _runs(lh)
     assert (runs["status"] == "succeeded").all() and set(runs.index) == {"a", "b", "c", "d"}
-    assert runs.loc["d", "counts"] == {"things": 3}
+    assert runs.loc["d", "counts"] == {"items": 4}
     assert any(line.startswith("[2/4] b ... done in") for line in out)
 
     calls.clear()
-    res = nightly.run_nightly(lh, D1, stages=_fake_stages(calls), echo=out.append)
+    res = nightly.run_nightly(lh, D1, steps=_fake_stages(calls), echo=out.append)
     assert calls == [] and res.skipped == ["a", "b", "c", "d"]
 
-    nightly.run_nightly(lh, D1, nightly.NightlyOptions(from_stage="c"), stages=_fake_stages(calls), echo=print)
+    nightly.run_nightly(lh, D1, nightly.NightlyOptions(from_stage="c"), steps=_fake_stages(calls), echo=print)
     assert calls == ["c", "d"]
 
     # b fails: failed row, StageFailed naming it, later stages not run
     calls.clear()
     with pytest.raises(nightly.StageFailed, match=r"\[2/4\] b failed: RuntimeError: b exploded"):
-        nightly.run_nightly(lh, D1, nightly.NightlyOptions(rerun=True), stages=_fake_stages(calls, {"b"}),
+        nightly.run_nightly(lh, D1, nightly.NightlyOptions(rerun=True), steps=_fake_stages(calls, {"b"}),
                             echo=print)
     assert calls == ["a", "b"]
     assert stage_status(lh, D1, "b") == "failed"
     assert "b exploded" in _runs(lh).loc["b", "message"]
     # resume: a is done, b onwards run
     calls.clear()
-    nightly.run_nightly(lh, D1, stages=_fake_stages(calls), echo=print)
+    nightly.run_nightly(lh, D1, steps=_fake_stages(calls), echo=print)
     assert calls == ["b", "c", "d"]
 
 
@@ -79,7 +74,7 @@ def test_cli_exit_code_names_failed_stage(lh, monkeypatch, capsys, tmp_path):
     from mmrank.cli import job_parser, run_job
 
     calls: list = []
-    monkeypatch.setattr(nightly, "default_stages", lambda: _fake_stages(calls, {"c"}))
+    monkeypatch.setattr(nightly, "PIPELINE", tuple(_fake_stages(calls, {"c"})))
     parser = job_parser("nightly")
     nightly.add_arguments(parser)
     root = lh.cfg.resolve_path(lh.cfg.storage.root)
@@ -95,23 +90,17 @@ def test_cli_exit_code_names_failed_stage(lh, monkeypatch, capsys, tmp_path):
 def test_train_due(lh):
     from mmrank.config import TrainConf
     from mmrank.ranker.artifact import save_artifact
-    from mmrank.ranker.batch import ModalityDims
+    from mmrank.modalities import ModalityDims
     from mmrank.ranker.fit import build_model
 
-    due, reason, v = nightly.train_due(lh, D1)
+    due, reason, v = train_due(lh, D1)
     assert due and reason == "no model yet" and v is None
     model = build_model(ModalityDims(4, 4, 4), TrainConf(proj_dim=4, hidden_dim=4))
-    version = save_artifact(model, {"run_date": D1.isoformat()}, lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir))
-    due, reason, v = nightly.train_due(lh, D1)
+    version = save_artifact(model, {"run_date": D1.isoformat()}, lh.paths.artifacts)
+    due, reason, v = train_due(lh, D1)
     assert not due and reason.startswith("not due") and v == version
-    assert nightly.train_due(lh, D1 + dt.timedelta(days=1))[0]  # train_every_days = 1
-    assert nightly.train_due(lh, D1, force=True)[0]
-
-
-def _has_all_stages() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in (
-        "mmrank.data.landing", "mmrank.data.ingest", "mmrank.labels", "mmrank.featurize",
-        "mmrank.training_lists", "mmrank.train", "mmrank.evaluate"))
+    assert train_due(lh, D1 + dt.timedelta(days=1))[0]  # train_every_days = 1
+    assert train_due(lh, D1, force=True)[0]
 
 
 def _hashable(v):
@@ -138,7 +127,6 @@ def _snapshot(lh, names) -> dict[str, pd.DataFrame]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _has_all_stages(), reason="a stage module of the pipeline is not there yet")
 def test_full_nightly_twice_is_idempotent(spark, tmp_path):
     cfg = make_config(tmp_path, "generator.n_products=60", "generator.n_queries=10", "train.max_epochs=2",
                       "train.data_loader=parquet", "score.top_n=5", "score.similarity_top_k=5",
@@ -170,6 +158,7 @@ def test_report_aggregates_metrics_scores_and_contributions(lh):
     from pyspark.sql import Row
 
     from mmrank import report
+    from mmrank.interactive import contribution_table
 
     mrows = [Row(run_date=d, model_version=f"v{i}", model_name=name, dataset="sample", split="test",
                  metric=metric, k=k, value=val + 0.01 * i)
@@ -183,15 +172,20 @@ def test_report_aggregates_metrics_scores_and_contributions(lh):
     lh.replace_date("ranking_scores", lh.spark.createDataFrame(srows, lh.read("ranking_scores").schema), D1)
     with track_stage(lh, "score", D1) as rec:
         rec.counts["rows_written"] = len(srows)
-    path = report.write_report(lh, D1)
+    today = lh.read("metrics").where(F.col("run_date") == F.lit(D1.isoformat()).cast("date")).toPandas()
+    report.write_evaluation(lh.paths.reports(D1), "sample", today, {"run_date": D1.isoformat()})
+    path = report.write_nightly(lh, D1)
     text = path.read_text()
     for section in ("Pipeline runs", "Metrics per model", "Metric trend", "Score distributions",
                     "Modality contributions"):
         assert f"## {section}" in text
-    for png in ("metrics_sample.png", "metric_trend.png", "score_distribution.png",
+    for png in ("evaluation_sample.png", "metric_trend.png", "score_distribution.png",
                 "modality_contributions.png"):
         assert (path.parent / png).stat().st_size > 1000 and f"({png})" in text
+    # each metric is plotted once: the nightly report links the evaluation's plot instead of drawing another
+    assert sorted(p.name for p in path.parent.glob("*.png")) == [
+        "evaluation_sample.png", "metric_trend.png", "modality_contributions.png", "score_distribution.png"]
     assert "rows_written=15" in text and "text_only" in text
-    summ = report.contribution_summary(report.scores_frame(lh, D1)).set_index("modality")
+    summ = contribution_table(lh, D1).set_index("modality")
     assert summ.loc["text", "present"] == 1.0 and 0 < summ.loc["audio", "present"] < 1
     assert abs(summ["share"].sum() - 1) < 1e-9

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from pyspark.sql import Row
 
-from mmrank import score
+from mmrank.scoring.scorer import QUANT_SUFFIX
+from mmrank.stages import score
 from mmrank.lakehouse import Lakehouse
 from tests.conftest import make_config
 from tests.test_score import D1, build_inputs
@@ -105,4 +106,4 @@ def test_notebooks_run_against_local_lakehouse(spark, nb_lh):
 
     ns = run_notebook("04_compare_models.py", spark, {**w, "versions": "", "max_queries": "3", "k": "3"})
     cmp = ns["_shown"][-1]
-    assert cmp["version_b"].iloc[0].endswith(score.QUANT_SUFFIX) and cmp["spearman"].iloc[0] > 0.9
+    assert cmp["version_b"].iloc[0].endswith(QUANT_SUFFIX) and cmp["spearman"].iloc[0] > 0.9

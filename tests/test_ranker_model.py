@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmrank.config import TrainConf
-from mmrank.ranker import (PAD_GRADE, ArtifactError, FusionRanker, ModalityDims, batch_from_arrays, iterate_batches,
-                           latest_version, load_artifact, make_collate, rows_to_batch, save_artifact)
-from mmrank.ranker.artifact import WEIGHTS_FILE
+from mmrank.modalities import ModalityDims
+from mmrank.ranker.artifact import WEIGHTS_FILE, ArtifactError, latest_version, load_artifact, save_artifact
+from mmrank.ranker.batch import PAD_GRADE, batch_from_arrays, iterate_batches, make_collate, rows_to_batch
+from mmrank.ranker.model import FusionRanker
 
 DIMS = ModalityDims(text=6, image=5, audio=4)
 B, L = 3, 4
@@ -200,6 +201,22 @@ def test_artifact_round_trip(tmp_path):
     assert not [p for p in (tmp_path / "models").iterdir() if p.name.startswith(".")]   # no temp leftovers
     with pytest.raises(ValueError, match="reserved"):
         save_artifact(m, {"dims": 1}, tmp_path)
+
+
+def test_gated_artifact_keeps_its_weight_names_on_disk(tmp_path):
+    """Fusions are modules of their own (`fusion.gate.*`), but on disk the gated weights keep the names artifacts
+    always had (`gate.*`, `gate_bias`): old artifacts load, and identical weights give an identical version."""
+    from safetensors.torch import load_file
+
+    m, b = model("gated", seed=5), random_batch()
+    assert "fusion.gate_bias" in m.state_dict()
+    version = save_artifact(m, {}, tmp_path)
+    on_disk = load_file(str(tmp_path / "models" / version / WEIGHTS_FILE))
+    assert "gate_bias" in on_disk and "gate.0.weight" in on_disk
+    assert not any(k.startswith("fusion.gate") for k in on_disk)
+    loaded, _ = load_artifact(tmp_path, version)
+    assert torch.equal(loaded(b), m(b)) and torch.equal(loaded.gate_weights(b), m.gate_weights(b))
+    assert save_artifact(loaded, {}, tmp_path) == version
 
 
 def test_artifact_from_before_match_features_still_loads(tmp_path):

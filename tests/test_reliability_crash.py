@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from delta.tables import DeltaTable
 
-from mmrank import featurize, labels, score, train, training_lists
+from mmrank.stages import featurize, labels, score, train, training_lists
 from mmrank.config import load_config
-from mmrank.data import ingest, landing
+from mmrank.stages import generate, ingest
 from mmrank.lakehouse import Lakehouse
 from mmrank.ranker.artifact import LATEST_FILE
 from mmrank.runs import stage_status
@@ -112,7 +112,7 @@ def lakes(spark, tmp_path_factory):
     bert = tiny_bert_dir(base / "bert")
     r, ref = base / "r", base / "ref"
     lh = Lakehouse(spark, load_config(None, overrides(r, bert)))
-    landing.run(lh, D)
+    generate.run(lh, D)
     ingest.run(lh, D)
     labels.run(lh, D)
     shutil.copytree(r, ref)
@@ -171,14 +171,14 @@ def test_kill_train_mid_training_then_resume(lakes):
     lakes["ref2"], lakes["ref_scores"] = ref_lh, ref_lh.checksum("ranking_scores")
     run_and_kill("train", sets, rf"epoch 1/{EPOCHS} done.*checkpoint saved")
     assert_consistent(lh)
-    adir = lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir)
+    adir = lh.paths.artifacts
     assert not (adir / "models" / LATEST_FILE).exists()          # no half-written model became visible
     assert not list(adir.glob("models/fusion-*"))                  # nor a model folder
-    ckpts = list(lh.cfg.resolve_path(lh.cfg.storage.work_dir).glob("checkpoints/*/checkpoint.pt"))
+    ckpts = list(lh.paths.work().glob("checkpoints/*/checkpoint.pt"))
     assert len(ckpts) == 1
     out, version = train.train_and_save(lh, D)                   # re-run resumes from epoch 2
     assert out.fit.epochs_run == EPOCHS and version == lakes["ref_version"]
-    ref_dir = lakes["ref2"].cfg.resolve_path(lakes["ref2"].cfg.storage.artifacts_dir)
+    ref_dir = lakes["ref2"].paths.artifacts
     assert ((adir / "models" / version / "weights.safetensors").read_bytes()
             == (ref_dir / "models" / version / "weights.safetensors").read_bytes())
     meta = json.loads((adir / "models" / version / "model.json").read_text())
@@ -188,7 +188,7 @@ def test_kill_train_mid_training_then_resume(lakes):
 
 def test_kill_score_before_commit_then_rerun(lakes):
     lh, sets = lakes["lh"], lakes["sets"]
-    adir = lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir)
+    adir = lh.paths.artifacts
     if not (adir / "models" / LATEST_FILE).exists():
         pytest.skip("needs the model of test_kill_train_mid_training_then_resume")
     run_and_kill("score", sets, r"stage score \(run_date \S+\) started", delay=1.0)

@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 from pyspark.sql import functions as F
 
-from mmrank import featurize, score, training_lists
-from mmrank.data import ingest
-from mmrank.encoders.synth import image_bytes, wav_bytes
+from mmrank.stages import featurize, score, training_lists
+from mmrank.stages import ingest
+from mmrank.testing.media import image_bytes, wav_bytes
 from mmrank.lakehouse import Lakehouse
 from mmrank.runs import stage_status
 from tests._toy_lists import RUN_DATE as TOY_DATE
@@ -166,7 +166,7 @@ def test_featurize_encodes_every_valid_modality_or_quarantines_it(byo):
     lh, pf, fc, q = byo["lh"], byo["pf"], byo["fcounts"], byo["quarantine"]
     fq = q[q["stage"] == "featurize"]
     # wrong sample rates are resampled, not rejected; their embedding is close to the 16 kHz clip's
-    from mmrank.encoders import get_encoder
+    from mmrank.encoders.registry import get_encoder
 
     for pid in ("ok_audio_8k", "ok_audio_44k"):
         assert (pid, "audio") in pf, f"{pid} audio was not encoded: {fq.to_dict('records')}"

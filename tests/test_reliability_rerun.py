@@ -16,8 +16,8 @@ import pytest
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 
-from mmrank import featurize, labels, score, train, training_lists
-from mmrank.data import ingest, landing
+from mmrank.stages import featurize, labels, score, train, training_lists
+from mmrank.stages import generate, ingest
 from mmrank.lakehouse import ConcurrentWriteError, Lakehouse
 from mmrank.ranker.artifact import WEIGHTS_FILE
 from tests.conftest import make_config
@@ -75,7 +75,7 @@ def _checksums(lh: Lakehouse) -> dict[str, str]:
 
 
 def _weights(lh: Lakehouse, version: str) -> bytes:
-    return (Path(lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir)) / "models" / version / WEIGHTS_FILE).read_bytes()
+    return (Path(lh.paths.artifacts) / "models" / version / WEIGHTS_FILE).read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def pipeline(spark, tmp_path_factory):
                       "train.max_epochs=2", "train.data_loader=parquet", "train.list_size=10",
                       "train.proj_dim=8", "train.hidden_dim=16", "score.top_n=5", "score.similarity_top_k=5")
     lh = Lakehouse(spark, cfg)
-    landing.run(lh, D)
+    generate.run(lh, D)
     ingest.run(lh, D)
     return lh
 
@@ -176,8 +176,8 @@ def test_audio_embedding_does_not_depend_on_its_batch():
     import numpy as np
 
     from mmrank.config import FeaturesConf
-    from mmrank.encoders import get_encoder
-    from mmrank.encoders.synth import wav_bytes
+    from mmrank.encoders.registry import get_encoder
+    from mmrank.testing.media import wav_bytes
 
     enc = get_encoder("audio", FeaturesConf.model_validate({"device": "cpu", "audio": {"max_seconds": 1.0}}))
     clips = [wav_bytes(880, seconds=0.7), wav_bytes(440, seconds=0.3), wav_bytes(300, seconds=0.5)]

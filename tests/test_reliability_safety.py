@@ -160,8 +160,8 @@ def test_logs_carry_no_user_text_or_secrets(spark, tmp_path, monkeypatch, caplog
     that looks like a secret; nothing of either may appear in any log record, stdout/stderr or runs.message."""
     import pandas as pd
 
-    from mmrank import featurize
-    from mmrank.data import ingest
+    from mmrank.stages import featurize
+    from mmrank.stages import ingest
     from mmrank.lakehouse import Lakehouse
     from tests.conftest import make_config
     from tests.test_encoders import tiny_bert_dir

@@ -9,7 +9,8 @@ import pytest
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 
-from mmrank import score
+from mmrank.scoring import candidates, features, scorer
+from mmrank.stages import score
 from mmrank.lakehouse import Lakehouse
 from tests.conftest import make_config
 
@@ -29,7 +30,7 @@ def build_inputs(lh: Lakehouse, n_products: int = 40, n_queries: int = 8, seed: 
     """
     from mmrank.config import TrainConf
     from mmrank.ranker.artifact import save_artifact
-    from mmrank.ranker.batch import ModalityDims
+    from mmrank.modalities import ModalityDims
     from mmrank.ranker.fit import build_model
 
     rng = np.random.default_rng(seed)
@@ -60,7 +61,7 @@ def build_inputs(lh: Lakehouse, n_products: int = 40, n_queries: int = 8, seed: 
     lh.overwrite("query_log", spark.createDataFrame(log, lh.read("query_log").schema))
     model = build_model(ModalityDims(**DIMS), TrainConf(proj_dim=8, hidden_dim=16))
     return save_artifact(model, {"run_date": D1.isoformat()},
-                         lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir))
+                         lh.paths.artifacts)
 
 
 @pytest.fixture
@@ -108,24 +109,25 @@ def test_spark_scores_match_plain_score_pairs_and_int8_is_close(slh):
     from scipy.stats import spearmanr
 
     version = build_inputs(slh, seed=1)
-    score.run(slh, D1, candidates="impressions")
+    score.run(slh, D1, candidates=["impressions"])
     day = _day(slh, D1)
-    adir = str(slh.cfg.resolve_path(slh.cfg.storage.artifacts_dir))
-    model, meta = score.load_scorer(adir, version)
-    pairs = (score.impression_pairs(slh, D1).join(score.query_feature_frame(slh), "query_id")
-             .join(score.product_feature_frame(slh), "product_id").toPandas())
-    direct = score.score_frame(model, pairs, score.model_dims(model, meta))
+    adir = str(slh.paths.artifacts)
+    model, _ = scorer.load_scorer(adir, version)
+    pairs = (candidates.impression_pairs(slh, D1)
+             .join(features.query_feature_frame(slh.read("query_features")), "query_id")
+             .join(features.product_feature_frame(slh.read("product_features")), "product_id").toPandas())
+    direct = scorer.score_frame(model, pairs, model.dims.as_dict())
     m = day.merge(direct, on=["query_id", "product_id"], suffixes=("", "_d"))
     assert len(m) == len(day)
     np.testing.assert_allclose(m["score"], m["score_d"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(m["contrib_image"], m["contrib_image_d"], rtol=1e-4, atol=1e-5)
 
-    q_counts = score.run(slh, D3, quantize=True, candidates="impressions")
+    q_counts = score.run(slh, D3, quantize=True, candidates=["impressions"])
     qday = _day(slh, D3)
-    assert set(qday["model_version"]) == {version + score.QUANT_SUFFIX}
+    assert set(qday["model_version"]) == {version + scorer.QUANT_SUFFIX}
     assert q_counts["pairs_scored"] > 0
-    qmodel, _ = score.load_scorer(adir, version, quantize=True)
-    qd = score.score_frame(qmodel, pairs, score.model_dims(model, meta))
+    qmodel, _ = scorer.load_scorer(adir, version, quantize=True)
+    qd = scorer.score_frame(qmodel, pairs, model.dims.as_dict())
     rho = spearmanr(direct["score"], qd["score"]).statistic
     assert rho > 0.95, rho
 
@@ -135,7 +137,7 @@ def test_similarity_candidates_equal_brute_force(slh):
     # several product partitions: the per-partition top-k must merge into the exact global top-k
     pf = slh.read("product_features").repartition(3)
     slh.overwrite("product_features", pf)
-    got = score.similarity_pairs(slh, k=4, max_cells=50).toPandas()
+    got = candidates.top_k_by_similarity(slh, k=4, max_cells=50).toPandas()
     prods = slh.read("product_features").toPandas()
     quers = slh.read("query_features").toPandas()
     for _, q in quers.iterrows():
@@ -149,7 +151,7 @@ def test_similarity_candidates_equal_brute_force(slh):
 
 def test_rechunk_makes_exact_batches():
     frames = [pd.DataFrame({"a": range(s, s + n)}) for s, n in ((0, 5), (5, 1), (6, 12))]
-    out = list(score.rechunk(iter(frames), 4))
+    out = list(scorer.rechunk(iter(frames), 4))
     assert [len(f) for f in out] == [4, 4, 4, 4, 2]
     assert pd.concat(out)["a"].tolist() == list(range(18))
 
@@ -158,7 +160,7 @@ def test_score_pairs_masks_missing_modalities():
     import torch
 
     from mmrank.config import TrainConf
-    from mmrank.ranker.batch import ModalityDims
+    from mmrank.modalities import ModalityDims
     from mmrank.ranker.fit import build_model
 
     torch.manual_seed(0)
@@ -166,12 +168,12 @@ def test_score_pairs_masks_missing_modalities():
     rng = np.random.default_rng(0)
     q = {"text": rng.normal(size=(5, 16)).astype(np.float32)}
     p = {"text": rng.normal(size=(5, 16)).astype(np.float32), "image": rng.normal(size=(5, 12)).astype(np.float32)}
-    s, c = score.score_pairs(model, q, p)
+    s, c = scorer.score_pairs(model, q, p)
     assert s.shape == (5,) and c.shape == (5, 3) and (c[:, 2] == 0).all()
     # garbage in an absent modality's slot changes nothing when its mask is 0
     p2 = {**p, "audio": rng.normal(size=(5, 8)).astype(np.float32) * 100,
           "mask": np.array([[1, 1, 0]] * 5, np.float32)}
-    s2, _ = score.score_pairs(model, q, p2)
+    s2, _ = scorer.score_pairs(model, q, p2)
     np.testing.assert_allclose(s, s2, rtol=1e-6)
     with pytest.raises(ValueError, match="expects"):
-        score.score_pairs(model, {"text": np.zeros((5, 7), np.float32)}, p)
+        scorer.score_pairs(model, {"text": np.zeros((5, 7), np.float32)}, p)

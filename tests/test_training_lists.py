@@ -7,7 +7,7 @@ from pyspark.sql import functions as F
 
 from _toy_lists import DIMS, RUN_DATE, write_toy
 from conftest import make_config
-from mmrank import training_lists
+from mmrank.stages import training_lists
 from mmrank.lakehouse import Lakehouse
 
 L = 8

@@ -97,5 +97,5 @@ def ingest_fashion(lh: Lakehouse, run_date: dt.date, limit: int | None = None) -
                            F.lit("typed").alias("kind"))
     counts["queries_changed"] = I.land_queries(lh, qrows, SOURCE, run_date)
     counts["judgments_landed"] = I.land_judgments(lh, judg, SOURCE, run_date)
-    counts.update(I._finish(lh, [prods], "ingest_fashion", run_date))  # noqa: SLF001
+    counts.update(I.finish(lh, [prods], "ingest_fashion", run_date))
     return counts

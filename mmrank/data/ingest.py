@@ -1,10 +1,11 @@
-"""Stage `ingest`: landing files -> `products`, `queries`, `query_log`, `judgments`.
+"""Ingestion toolkit shared by every source: readers, row checks, media attachment and the landing writes of
+`products`, `queries`, `query_log` and `judgments`.
 
-Sources: `sample` (the generator's landing zone), `fashion` (the real fashion catalog, see fashion.py) and
-`byo` (a user's catalog + judgments file, see docs/data.md). Every row is validated (validate.py); rejected
-rows go to `quarantine` (stage `ingest_<source>`) with a reason and never stop the run. Writes are idempotent:
-products/queries MERGE on their key with `content_hash` (changed rows only), judgments MERGE, query_log
-replaces exactly the log days it carries.
+Sources (`sample.py`, `fashion.py`, `byo.py`; the `ingest` stage picks one) read their files into the raw
+shapes below and call these. Every row is validated (validate.py); rejected rows go to `quarantine` (stage
+`ingest_<source>`) with a reason and never stop the run. Writes are idempotent: products/queries MERGE on
+their key with `content_hash` (changed rows only), judgments MERGE, query_log replaces exactly the log days it
+carries.
 """
 from __future__ import annotations
 
@@ -18,9 +19,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mmrank.data import validate as V
-from mmrank.data.landing import sample_layout
 from mmrank.lakehouse import Lakehouse, sql_date
-from mmrank.runs import track_stage
 
 
 PRODUCT_RAW = ("product_id string, title string, description string, brand string, category string, "
@@ -263,8 +262,9 @@ def land_judgments(lh: Lakehouse, valid: DataFrame, source: str, run_date: dt.da
     return lh.read("judgments").where(F.col("source") == source).count()
 
 
-# ---- sources ----------------------------------------------------------------------------------------------
-def _finish(lh: Lakehouse, checks: list[Checked], stage: str, run_date: dt.date) -> dict[str, int]:
+# ---- shared by every source -------------------------------------------------------------------------------
+def finish(lh: Lakehouse, checks: list[Checked], stage: str, run_date: dt.date) -> dict[str, int]:
+    """Counts of every check, the rejected rows of all of them quarantined under `stage`; caches released."""
     counts: dict[str, int] = {}
     for c in checks:
         counts.update(c.counts)
@@ -272,97 +272,4 @@ def _finish(lh: Lakehouse, checks: list[Checked], stage: str, run_date: dt.date)
     counts["quarantined"] = lh.quarantine(bad, stage, run_date)
     for c in checks:
         c.rows.unpersist()
-    return counts
-
-
-def ingest_sample(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
-    """The generator's landing zone -> all four tables (truth as judgments source `generator_truth`)."""
-    lay = sample_layout(lh.cfg)
-    if not lay.manifest.exists():
-        raise FileNotFoundError(f"no sample landing zone at {lay.root}; run jobs/generate.py first")
-    spark, base = lh.spark, str(lay.root)
-    counts: dict[str, int] = {}
-    prods = check_products(lh, read_json(spark, str(lay.products), PRODUCT_RAW), base)
-    counts["products_changed"] = land_products(lh, prods.valid, "sample", run_date)
-    queries = check_queries(lh, read_json(spark, str(lay.queries), QUERY_RAW), base)
-    counts["queries_changed"] = land_queries(lh, queries.valid, "sample", run_date)
-    events = check_log(lh, read_csv(spark, str(lay.log_dir / "*.csv"), LOG_RAW), run_date)
-    counts["log_days"] = land_log(lh, events.valid)
-    judg = check_judgments(lh, read_csv(spark, str(lay.truth), JUDGMENT_RAW))
-    counts["judgments_landed"] = land_judgments(lh, judg.valid, "generator_truth", run_date)
-    counts.update(_finish(lh, [prods, queries, events, judg], "ingest_sample", run_date))
-    return counts
-
-
-def run(lh: Lakehouse, run_date: dt.date, source: str = "sample", **kw) -> dict[str, int]:
-    """Stage `ingest` for one source: `sample`, `fashion` (kw: limit) or `byo` (kw: catalog, judgments, name)."""
-    from mmrank.data.fashion import ingest_fashion
-
-    fn = {"sample": ingest_sample, "fashion": ingest_fashion, "byo": ingest_byo}.get(source)
-    if fn is None:
-        raise ValueError(f"unknown source {source!r}: use sample, fashion or byo")
-    with track_stage(lh, "ingest", run_date, outputs=("products", "queries", "query_log", "judgments",
-                                                      "quarantine")) as rec:
-        rec.counts.update(fn(lh, run_date, **kw))
-        rec.message = f"source={source}"
-    return dict(rec.counts)
-
-
-# ---- bring your own data ------------------------------------------------------------------------------------
-CATALOG_COLS = ("product_id", "title", "description", "brand", "category", "image_path", "audio_path")
-
-
-def _require(df: DataFrame, what: str, *cols: str) -> None:
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what} file lacks required column(s) {missing}; has {df.columns} (see docs/data.md)")
-
-
-def byo_catalog(spark: SparkSession, path: str) -> DataFrame:
-    """A user catalog as PRODUCT_RAW rows; columns beyond CATALOG_COLS go into `attributes`."""
-    df = read_table_file(spark, path)
-    _require(df, "catalog", "product_id", "title")
-    extras = [c for c in df.columns if c not in CATALOG_COLS]
-    attrs = (F.map_filter(F.create_map(*[x for c in extras for x in (F.lit(c), F.col(c))]),
-                          lambda k, v: v.isNotNull()) if extras else F.lit(None).cast("map<string,string>"))
-    return df.select(*[F.col(c) if c in df.columns else F.lit(None).cast("string").alias(c) for c in CATALOG_COLS],
-                     attrs.alias("attributes"), F.lit(None).cast("string").alias("_corrupt"))
-
-
-def byo_grade(df: DataFrame) -> Column:
-    """Grades already in [0, 3] are kept; any other scale is mapped linearly from [min, max] onto [0, 3]."""
-    g = F.col("grade").try_cast("double")
-    lo, hi = df.select(F.min(g), F.max(g)).first()
-    if lo is None or (lo >= 0 and hi <= 3):
-        return g
-    return (g - lo) * 3.0 / (hi - lo) if hi > lo else F.when(g.isNotNull(), F.lit(3.0))
-
-
-def ingest_byo(lh: Lakehouse, run_date: dt.date, catalog: str, judgments: str | None = None,
-               name: str | None = None) -> dict[str, int]:
-    """A user's catalog (CSV/Parquet) and optional judgments file -> products, queries, judgments."""
-    name = V.safe_name(name or Path(catalog).stem)
-    source, spark = f"byo:{name}", lh.spark
-    prods = check_products(lh, byo_catalog(spark, catalog), str(Path(catalog).resolve().parent))
-    counts = {"products_changed": land_products(lh, prods.valid, source, run_date)}
-    checks = [prods]
-    if judgments:
-        j = read_table_file(spark, judgments)
-        _require(j, "judgments", "product_id", "grade")
-        if "query_id" not in j.columns and "query" not in j.columns:
-            raise ValueError("judgments file needs a `query_id` or a `query` (text) column")
-        if "query" not in j.columns:
-            j = j.withColumn("query", F.lit(None).cast("string"))
-        if "query_id" not in j.columns:
-            qid = F.concat(F.lit(f"byo-{name}-"), F.substring(F.sha2(F.lower(F.trim("query")), 256), 1, 12))
-            j = j.withColumn("query_id", F.when(~V.blank("query"), qid))
-        qraw = (j.where(~V.blank("query")).select("query_id", F.trim("query").alias("query_text")).distinct()
-                .select("query_id", F.lit("typed").alias("kind"), "query_text",
-                        F.lit(None).cast("string").alias("audio_path"), F.lit(None).cast("string").alias("_corrupt")))
-        queries = check_queries(lh, qraw, ".")
-        counts["queries_changed"] = land_queries(lh, queries.valid, source, run_date)
-        judg = check_judgments(lh, j.select("query_id", "product_id", "grade"), byo_grade(j))
-        counts["judgments_landed"] = land_judgments(lh, judg.valid, source, run_date)
-        checks += [queries, judg]
-    counts.update(_finish(lh, checks, "ingest_byo", run_date))
     return counts

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mmrank.config import GeneratorConf, MMRankConfig
+from mmrank.config import GeneratorConf
 from mmrank.data import generator as gen
 
 CHUNK = 1000
@@ -67,8 +67,9 @@ class SampleLayout:
         return f"audio/{i // CHUNK:03d}/{pid}.wav"
 
 
-def sample_layout(cfg: MMRankConfig) -> SampleLayout:
-    return SampleLayout(cfg.resolve_path(cfg.storage.raw_dir) / "sample")
+def sample_layout(landing: Path) -> SampleLayout:
+    """The generated sample's layout under the landing zone folder (`StoragePaths.landing`)."""
+    return SampleLayout(landing / "sample")
 
 
 def _write_media(data: gen.SampleData, g: GeneratorConf, lay: SampleLayout) -> None:
@@ -132,12 +133,3 @@ def write_sample(g: GeneratorConf, run_date: dt.date, root: Path) -> dict[str, i
     lay.manifest.write_text(json.dumps({"run_date": run_date.isoformat(), "generator": g.model_dump(),
                                         "counts": counts}, indent=1, sort_keys=True))
     return counts
-
-
-def run(lh, run_date: dt.date) -> dict[str, int]:
-    """Stage `generate`: write the sample landing zone for `run_date` (embedded default only)."""
-    from mmrank.runs import track_stage
-
-    with track_stage(lh, "generate", run_date) as rec:
-        rec.counts.update(write_sample(lh.cfg.generator, run_date, sample_layout(lh.cfg).root))
-    return dict(rec.counts)

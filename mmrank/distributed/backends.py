@@ -25,9 +25,10 @@ import torch
 from mmrank.config import TrainConf
 from mmrank.distributed.loaders import LoaderSpec, make_loader, prepare_specs
 from mmrank.lakehouse import Lakehouse
-from mmrank.ranker.batch import ModalityDims
+from mmrank.modalities import ModalityDims
 from mmrank.ranker.fit import FitResult, build_model, fit
 from mmrank.ranker.model import FusionRanker
+from mmrank.registry import BACKENDS
 
 log = logging.getLogger("mmrank")
 
@@ -144,11 +145,13 @@ def torch_distributor_worker(job: WorkerJob) -> WorkerResult | None:
 
 
 # ---- launchers (driver) -----------------------------------------------------------------------------------
+@BACKENDS.register("local")
 def _launch_local(job: WorkerJob, num_proc: int) -> WorkerResult:
     """In the driver; `fit` sets `train.torch_threads` intra-op threads, as on every distributed rank."""
     return run_worker(job, 0, 1)
 
 
+@BACKENDS.register("horovod")
 def _launch_horovod(job: WorkerJob, num_proc: int) -> WorkerResult:
     import horovod.spark
 
@@ -156,19 +159,12 @@ def _launch_horovod(job: WorkerJob, num_proc: int) -> WorkerResult:
     return results[0]
 
 
+@BACKENDS.register("torch_distributor")
 def _launch_torch_distributor(job: WorkerJob, num_proc: int) -> WorkerResult:
     from pyspark.ml.torch.distributor import TorchDistributor
 
     dist = TorchDistributor(num_processes=num_proc, local_mode=True, use_gpu=torch.cuda.is_available())
     return dist.run(torch_distributor_worker, job)
-
-
-Launcher = Callable[[WorkerJob, int], WorkerResult]
-BACKENDS: dict[str, Launcher] = {
-    "local": _launch_local,
-    "horovod": _launch_horovod,
-    "torch_distributor": _launch_torch_distributor,
-}
 
 
 def world_size_of(backend: str, num_proc: int) -> int:
@@ -180,16 +176,14 @@ def train_with_backend(lh: Lakehouse, train_cfg: TrainConf, dims: ModalityDims, 
                        resume: bool = False) -> TrainOutcome:
     """Train a FusionRanker on `training_lists` (train / validation splits) with `backend` (default
     `train_cfg.backend`) on `train_cfg.num_proc` processes; returns rank 0's best model in eval mode."""
-    backend = backend or train_cfg.backend
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+    backend = BACKENDS.check(backend or train_cfg.backend)
     kind = data_loader or train_cfg.data_loader
     world = world_size_of(backend, train_cfg.num_proc)
     with prepare_specs(lh, train_cfg, dims, world, kind=kind) as specs:
         job = WorkerJob(train_cfg.model_dump(mode="json"), dims, specs["train"], specs["validation"],
                         str(checkpoint_dir) if checkpoint_dir else None, resume)
         log.info("training with backend %s on %d process(es), data loader %s", backend, world, kind)
-        out = BACKENDS[backend](job, world)
+        out = BACKENDS.get(backend)(job, world)
     model = FusionRanker(dims, train_cfg)
     model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in out.state.items()})
     model.eval()

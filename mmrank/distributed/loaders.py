@@ -4,7 +4,7 @@ The driver prepares a picklable `LoaderSpec` per split (`prepare_specs`); every 
 `make_loader(spec, rank, world_size)` and calls `epoch_batches(epoch)`. Two interchangeable data paths:
 
 - `petastorm`: the split's DataFrame is materialised once by `petastorm.spark.make_spark_converter` into the
-  cache dir `lh.work_path("petastorm_cache")` (a `file://` URL in `petastorm.spark.converter.parentCacheDirUrl`);
+  cache dir `lh.paths.petastorm_cache()` (a `file://` URL in `petastorm.spark.converter.parentCacheDirUrl`);
   rank r reads shard r (`cur_shard=r, shard_count=world_size`) with `make_torch_dataloader(num_epochs=1)`.
   The cache is deleted (`converter.delete()`) when `prepare_specs` exits, also on failure.
 - `parquet`: no petastorm. The driver resolves the Delta snapshot's current Parquet files
@@ -30,7 +30,9 @@ import numpy as np
 
 from mmrank.config import TrainConf
 from mmrank.lakehouse import Lakehouse
-from mmrank.ranker.batch import BATCH_KEYS, Batch, ModalityDims, rows_to_batch
+from mmrank.modalities import ModalityDims
+from mmrank.ranker.batch import BATCH_KEYS, Batch, rows_to_batch
+from mmrank.registry import LOADERS
 
 log = logging.getLogger("mmrank")
 
@@ -38,7 +40,6 @@ log = logging.getLogger("mmrank")
 KEY_COL = "row_key"
 ARRAY_COLS = BATCH_KEYS  # grades, q_*, p_*: the flattened contract arrays, same names as the table columns
 _READ_CHUNK = 256        # rows per petastorm read batch (only affects read granularity)
-LOADERS = ("petastorm", "parquet")
 
 
 class ListLoader(Protocol):
@@ -113,6 +114,7 @@ class _ShardLoader:
             yield rows_to_batch({c: rows[c][chunk] for c in ARRAY_COLS}, s.dims, s.list_size)
 
 
+@LOADERS.register("petastorm")
 class PetastormLoader(_ShardLoader):
     """Shard `rank` of the petastorm-materialised split (row-group sharding by petastorm)."""
 
@@ -137,6 +139,7 @@ def _local_path(uri: str) -> str:
     return u.path if u.scheme in ("", "file") else uri
 
 
+@LOADERS.register("parquet")
 class ParquetLoader(_ShardLoader):
     """Rank `rank`'s contiguous slice of the split's rows, read straight from the Delta snapshot's files."""
 
@@ -169,12 +172,9 @@ def _object_array(values: list) -> np.ndarray:
     return arr
 
 
-_LOADER_CLASSES = {"petastorm": PetastormLoader, "parquet": ParquetLoader}
-
-
 def make_loader(spec: LoaderSpec, rank: int = 0, world_size: int = 1) -> ListLoader:
     """The loader of `spec.kind` for `rank` of `world_size` (call inside the worker process)."""
-    return _LOADER_CLASSES[spec.kind](spec, rank, world_size)
+    return LOADERS.get(spec.kind)(spec, rank, world_size)
 
 
 # ---- driver side ----------------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def _petastorm_converter(lh: Lakehouse, split: str, dims: ModalityDims, list_siz
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
     from pyspark.sql import functions as F
 
-    cache = lh.work_path("petastorm_cache")
+    cache = lh.paths.petastorm_cache()
     lh.spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache.resolve().as_uri())
     sizes = {"grades": list_size, "q_text": dims.text, "q_audio": dims.audio, "q_mask": 2,
              "p_text": list_size * dims.text, "p_image": list_size * dims.image,
@@ -222,9 +222,7 @@ def prepare_specs(lh: Lakehouse, train: TrainConf, dims: ModalityDims, world_siz
                   splits: tuple[str, ...] = ("train", "validation"),
                   kind: str | None = None) -> Iterator[dict[str, LoaderSpec]]:
     """Driver: one `LoaderSpec` per split for `world_size` ranks; petastorm caches are deleted on exit."""
-    kind = kind or train.data_loader
-    if kind not in LOADERS:
-        raise ValueError(f"unknown data loader {kind!r}; known: {', '.join(LOADERS)}")
+    kind = LOADERS.check(kind or train.data_loader)
     bs = per_rank_batch_size(train.batch_size, world_size)
     converters = []
     try:

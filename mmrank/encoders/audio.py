@@ -28,7 +28,7 @@ import torchaudio
 
 from mmrank.config import FeaturesConf
 from mmrank.encoders.base import Encoder, ItemError, file_fingerprint, load_state_dict, resolve, warn_random_init
-from mmrank.encoders.registry import register
+from mmrank.registry import ENCODERS
 
 TOP_DB = 80.0
 WIN_S, HOP_S = 0.025, 0.010
@@ -50,7 +50,7 @@ def _masked_mean_std(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, var.clamp_min(0).sqrt()], 1)
 
 
-@register("audio", "logmel_cnn")
+@ENCODERS["audio"].register("logmel_cnn")
 class AudioEncoder(Encoder):
     """Inputs are raw audio file bytes; empty or unreadable bytes are item errors."""
 

@@ -47,3 +47,14 @@ def set_threads(n: int) -> None:
     """Limit torch intra-op threads (so Spark's task parallelism and torch's do not oversubscribe cores)."""
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def task_threads(override: int | None = None) -> int:
+    """torch threads for the current Spark task: `override` if set, else the task's CPUs (spark.task.cpus),
+    else 1 outside Spark, so concurrent tasks do not oversubscribe the cores."""
+    if override:
+        return override
+    from pyspark import TaskContext
+
+    tc = TaskContext.get()
+    return max(1, int(tc.cpus())) if tc is not None else 1

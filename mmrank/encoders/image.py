@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mmrank.config import FeaturesConf
 from mmrank.encoders.base import Encoder, ItemError, file_fingerprint, load_state_dict, resolve, warn_random_init
-from mmrank.encoders.registry import register
+from mmrank.registry import ENCODERS
 
 CNN_DIMS = {"resnet18": 512, "resnet50": 2048}
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -91,7 +91,7 @@ def handcrafted_features(x: torch.Tensor) -> list[torch.Tensor]:
     return [colour_features(small), texture_features(small)]
 
 
-@register("image", *CNN_DIMS)
+@ENCODERS["image"].register(*CNN_DIMS)
 class ImageEncoder(Encoder):
     """Inputs are raw image file bytes (JPEG/PNG/...); undecodable bytes are item errors."""
 

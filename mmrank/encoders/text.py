@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from mmrank.config import FeaturesConf
 from mmrank.encoders.base import Encoder, ItemError, file_fingerprint, resolve
-from mmrank.encoders.registry import register
+from mmrank.registry import ENCODERS
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -42,7 +42,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize(pooled.float(), dim=-1)
 
 
-@register("text", "minilm", "bert", "hf")
+@ENCODERS["text"].register("minilm", "bert", "hf")
 class TextEncoder(Encoder):
     """Inputs are `str`; empty text and text over `features.text.max_chars` are item errors."""
 

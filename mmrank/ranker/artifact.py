@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mmrank.config import TrainConf
-from mmrank.ranker.batch import ModalityDims
+from mmrank.modalities import ModalityDims
 from mmrank.ranker.model import FusionRanker
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -27,6 +27,9 @@ META_FILE = "model.json"
 LATEST_FILE = "LATEST"
 VERSION_PREFIX = "fusion"
 FORMAT_VERSION = 1
+# On disk the gated fusion's parameters keep the names they had before fusions became modules of their own
+# (`gate.*`, `gate_bias`), so every artifact, old or new, has one layout and identical weights give one version.
+_DISK_NAMES = {"fusion.gate.": "gate.", "fusion.gate_bias": "gate_bias"}
 _RESERVED = ("version", "created_at", "dims", "train", "format")
 
 
@@ -36,6 +39,12 @@ class ArtifactError(RuntimeError):
 
 def _models_dir(artifacts_dir: str | Path) -> Path:
     return Path(artifacts_dir) / "models"
+
+
+def _renamed(state: dict[str, Any], prefixes: dict[str, str]) -> dict[str, Any]:
+    """`state` with each key starting with a prefix in `prefixes` given that prefix's replacement."""
+    return {next((new + k[len(old):] for old, new in prefixes.items() if k.startswith(old)), k): v
+            for k, v in state.items()}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -58,12 +67,12 @@ def save_artifact(model: FusionRanker, meta: dict[str, Any], artifacts_dir: str 
     tmp = models / f".tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        state = _renamed({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, _DISK_NAMES)
         save_file(state, str(tmp / WEIGHTS_FILE))
         digest = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()[:8]
         version = f"{VERSION_PREFIX}-{now:%Y%m%d}-{digest}"
         doc = {**meta, "version": version, "created_at": now.isoformat(), "format": FORMAT_VERSION,
-               "dims": {"text": model.dims.text, "image": model.dims.image, "audio": model.dims.audio},
+               "dims": model.dims.as_dict(),
                "train": model.cfg.model_dump(mode="json")}
         (tmp / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
         final = models / version
@@ -86,6 +95,19 @@ def latest_version(artifacts_dir: str | Path) -> str:
     return path.read_text().strip()
 
 
+def list_versions(artifacts_dir: str | Path) -> list[str]:
+    """Complete model versions saved under `artifacts_dir`, oldest first (by `created_at` in model.json)."""
+    models = _models_dir(artifacts_dir)
+    if not models.exists():
+        return []
+    found = []
+    for d in models.iterdir():
+        meta = d / META_FILE
+        if d.is_dir() and not d.name.startswith(".") and meta.exists() and (d / WEIGHTS_FILE).exists():
+            found.append((json.loads(meta.read_text()).get("created_at", ""), d.name))
+    return [v for _, v in sorted(found)]
+
+
 def load_artifact(artifacts_dir: str | Path, version: str | None = None) -> tuple[FusionRanker, dict[str, Any]]:
     """(model in eval mode, the model.json dict) of `version` (default: LATEST). Never unpickles: a weights
     file that is not safetensors raises ArtifactError."""
@@ -102,6 +124,6 @@ def load_artifact(artifacts_dir: str | Path, version: str | None = None) -> tupl
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{folder / WEIGHTS_FILE} is not a valid safetensors file ({err}); "
                             "refusing to load it any other way") from None
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_renamed(state, {v: k for k, v in _DISK_NAMES.items()}), strict=True)
     model.eval()
     return model, meta

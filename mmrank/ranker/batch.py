@@ -10,31 +10,18 @@ Absent modalities are zero vectors with mask 0. Scoring single pairs uses L = 1.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims
+
 PAD_GRADE = -1.0
-PRODUCT_MODALITIES = ("text", "image", "audio")
-QUERY_MODALITIES = ("text", "audio")
 BATCH_KEYS = ("q_text", "q_audio", "q_mask", "p_text", "p_image", "p_audio", "p_mask", "grades")
 
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ModalityDims:
-    """Embedding dims per modality; query text/audio share the product text/audio dims."""
-
-    text: int
-    image: int
-    audio: int
-
-    def of(self, modality: str) -> int:
-        return int(getattr(self, modality))
 
 
 def _flat(value: Any) -> np.ndarray:

@@ -24,17 +24,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmrank.config import TrainConf
-from mmrank.ranker.batch import Batch, ModalityDims, iterate_batches
+from mmrank.config import VALIDATION_METRICS, TrainConf
+from mmrank.modalities import ModalityDims
+from mmrank.ranker.batch import Batch, iterate_batches
 from mmrank.ranker.losses import LossFn, get_loss
 from mmrank.ranker.metrics import has_relevant, per_list_metrics
 from mmrank.ranker.model import FusionRanker
 
 log = logging.getLogger("mmrank.fit")
 
-VAL_KS = (5, 10)
-VAL_METRIC = "ndcg@10"   # early stopping and best-weights selection
-VAL_KEYS = ("ndcg@5", "ndcg@10", "map", "mrr")
+VAL_KEYS = VALIDATION_METRICS  # computed every epoch; `train.early_stopping_metric` picks the one to follow
+VAL_KS = tuple(sorted({int(k.split("@")[1]) for k in VAL_KEYS if "@" in k}))
 CHECKPOINT_FILE = "checkpoint.pt"
 _SEED_STRIDE_EPOCH, _SEED_STRIDE_RANK = 1_000_003, 7_919
 
@@ -140,7 +140,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
         allreduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         checkpoint_dir: str | Path | None = None, resume: bool = False,
         on_epoch_end: Callable[[int, dict[str, float]], bool | None] | None = None) -> FitResult:
-    """Train `model` in place with Adam(lr, weight_decay) and early stopping on validation NDCG@10.
+    """Train `model` in place with Adam(lr, weight_decay) and early stopping on `cfg.early_stopping_metric`.
 
     `train_data(epoch)` / `val_data(epoch)` return this rank's batches for that epoch (shuffling must be
     seeded by epoch). `loss`: a loss function or registered name; default `cfg.loss`. `allreduce(t)` is
@@ -148,7 +148,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     Rank 0 writes `checkpoint_dir/checkpoint.pt` after every epoch (model, optimizer, epoch, best metric and
     weights, history, RNG state); `resume=True` continues after the last checkpointed epoch (every rank reads
     it). `on_epoch_end(epoch, record)` may return True to stop. At the end the model holds the best weights
-    (highest val NDCG@10; the first epoch's if validation never had a relevant item) and is in eval mode.
+    (best validation value of that metric; the first epoch's if validation never had a relevant item), in eval mode.
     `world_size` is informational (data sharding is the data callables' job).
     """
     loss_fn = get_loss(loss or cfg.loss) if loss is None or isinstance(loss, str) else loss
@@ -158,6 +158,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
         opt = wrap_optimizer(opt)
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
 
+    watch = cfg.early_stopping_metric
     start, best, best_epoch, bad, history = 0, float("nan"), -1, 0, []
     best_state, best_metrics, stopped = _state_copy(model), {k: float("nan") for k in VAL_KEYS}, False
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
@@ -189,8 +190,8 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
             record = {"epoch": epoch, "train_loss": red[0] / max(red[1], 1.0), "train_lists": n,
                       "seconds": seconds, **{f"val_{k}": v for k, v in metrics.items()}}
             history.append(record)
-            if _better(metrics[VAL_METRIC], best) or (best_epoch < 0 and math.isnan(metrics[VAL_METRIC])):
-                best, best_epoch, bad, best_metrics = metrics[VAL_METRIC], epoch, 0, metrics
+            if _better(metrics[watch], best) or (best_epoch < 0 and math.isnan(metrics[watch])):
+                best, best_epoch, bad, best_metrics = metrics[watch], epoch, 0, metrics
                 best_state = _state_copy(model)
             else:
                 bad += 1
@@ -204,7 +205,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
                     "rng": torch.get_rng_state()})
             if rank == 0:
                 log.info("epoch %d/%d done: train_loss %.4f val_%s %.4f%s", epoch + 1, cfg.max_epochs,
-                         record["train_loss"], VAL_METRIC, metrics[VAL_METRIC],
+                         record["train_loss"], watch, metrics[watch],
                          ", checkpoint saved" if ckpt_path is not None else "")
     finally:
         torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)

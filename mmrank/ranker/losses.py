@@ -1,18 +1,22 @@
-"""Ranking losses with one signature: `loss(scores [B, L], grades [B, L]) -> scalar tensor`.
+"""Ranking losses with one signature: `loss(scores [B, L], grades [B, L], **hyperparameters) -> scalar tensor`.
 
 Slots with grade == PAD_GRADE (-1) are padding and never influence the value or the gradient.
 Every loss is finite for lists with all-zero grades and for lists that are all padding but one item
 (such lists contribute 0 and, when nothing else is in the batch, the loss is an exact 0 still attached to
-the graph). Choose by name with `get_loss(cfg.loss)`.
+the graph). Each loss is registered in `mmrank.registry.LOSSES`; config names one as `train.loss: lambdarank`
+or `{name: lambdarank, args: {sigma: 2.0}}` and `get_loss(cfg.loss)` binds the arguments. A new loss is one
+function here plus its decorator.
 """
 from __future__ import annotations
 
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 from mmrank.ranker.batch import PAD_GRADE
+from mmrank.registry import LOSSES
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -35,6 +39,7 @@ def exp_gain(grades: torch.Tensor) -> torch.Tensor:
     return torch.where(valid_mask(grades), torch.pow(2.0, grades.clamp_min(0.0)) - 1.0, torch.zeros_like(grades))
 
 
+@LOSSES.register("pointwise_bce")
 def pointwise_bce(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy on logits with targets = grade / (max real grade in the batch, or 1 if that is 0)."""
     valid = valid_mask(grades)
@@ -44,6 +49,7 @@ def pointwise_bce(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     return _masked_mean(per_item, valid, scores)
 
 
+@LOSSES.register("pointwise_mse")
 def pointwise_mse(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     """Mean squared error between score and raw grade over real items."""
     return _masked_mean((scores - grades) ** 2, valid_mask(grades), scores)
@@ -56,22 +62,27 @@ def _pairs(grades: torch.Tensor) -> torch.Tensor:
     return both & (grades.unsqueeze(2) > grades.unsqueeze(1))
 
 
-def _pair_logistic(scores: torch.Tensor) -> torch.Tensor:
-    """[B, L, L]: log(1 + exp(-(s_i - s_j)))."""
-    return F.softplus(-(scores.unsqueeze(2) - scores.unsqueeze(1)))
+def _pair_logistic(scores: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """[B, L, L]: log(1 + exp(-sigma * (s_i - s_j)))."""
+    diff = scores.unsqueeze(2) - scores.unsqueeze(1)
+    return F.softplus(-(diff if sigma == 1.0 else sigma * diff))
 
 
-def ranknet(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-    """RankNet: pairwise logistic loss averaged over all pairs (in the batch) with different grades."""
-    return _masked_mean(_pair_logistic(scores), _pairs(grades), scores)
+@LOSSES.register("ranknet")
+def ranknet(scores: torch.Tensor, grades: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """RankNet: pairwise logistic loss (steepness `sigma`) averaged over all pairs (in the batch) with different
+    grades."""
+    return _masked_mean(_pair_logistic(scores, sigma), _pairs(grades), scores)
 
 
-def listnet(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-    """ListNet (top-one): cross-entropy between softmax(grades) and softmax(scores) over real items,
-    averaged over lists with at least two real items (a single-item list has zero loss by definition)."""
+@LOSSES.register("listnet")
+def listnet(scores: torch.Tensor, grades: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """ListNet (top-one): cross-entropy between softmax(grades / temperature) and softmax(scores) over real
+    items, averaged over lists with at least two real items (a single-item list has zero loss by definition)."""
     valid = valid_mask(grades)
     neg = torch.finfo(scores.dtype).min
-    target = torch.softmax(grades.masked_fill(~valid, neg), dim=1).detach()
+    target_logits = grades if temperature == 1.0 else grades / temperature
+    target = torch.softmax(target_logits.masked_fill(~valid, neg), dim=1).detach()
     log_p = torch.log_softmax(scores.masked_fill(~valid, neg), dim=1)
     per_list = -torch.where(valid, target * log_p, torch.zeros_like(log_p)).sum(dim=1)
     return _masked_mean(per_list, valid.sum(dim=1) >= 2, scores)
@@ -86,10 +97,11 @@ def _ranks(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def lambdarank(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-    """LambdaRank: pairwise logistic loss weighted by |delta NDCG| of swapping i and j in the current ranking
-    (exponential gain, log2 discount, ideal DCG of that list). Sum over a list's pairs, mean over lists that
-    have at least one pair."""
+@LOSSES.register("lambdarank")
+def lambdarank(scores: torch.Tensor, grades: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """LambdaRank: pairwise logistic loss (steepness `sigma`) weighted by |delta NDCG| of swapping i and j in
+    the current ranking (exponential gain, log2 discount, ideal DCG of that list). Sum over a list's pairs, mean
+    over lists that have at least one pair."""
     valid = valid_mask(grades)
     pairs = _pairs(grades)
     gain = exp_gain(grades)
@@ -99,16 +111,13 @@ def lambdarank(scores: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
     idcg = (ideal_gain / torch.log2(positions + 1.0)).sum(dim=1).clamp_min(torch.finfo(scores.dtype).tiny)
     delta = ((gain.unsqueeze(2) - gain.unsqueeze(1)).abs() * (disc.unsqueeze(2) - disc.unsqueeze(1)).abs()
              / idcg[:, None, None]).detach()
-    per_pair = torch.where(pairs, delta * _pair_logistic(scores), torch.zeros_like(delta))
+    per_pair = torch.where(pairs, delta * _pair_logistic(scores, sigma), torch.zeros_like(delta))
     return _masked_mean(per_pair.sum(dim=(1, 2)), pairs.any(dim=(1, 2)), scores)
 
 
-LOSSES: dict[str, LossFn] = {f.__name__: f for f in (pointwise_bce, pointwise_mse, ranknet, listnet, lambdarank)}
-
-
-def get_loss(name: str) -> LossFn:
-    """The loss registered under `name`; ValueError naming the known losses otherwise."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}") from None
+def get_loss(spec: Any) -> LossFn:
+    """The registered loss named by `spec` (a name or a `LossSpec` with `args`), its arguments bound;
+    ValueError naming the known losses otherwise."""
+    name, args = (spec, {}) if isinstance(spec, str) else (spec.name, dict(spec.args))
+    fn = LOSSES.get(name)
+    return functools.partial(fn, **args) if args else fn

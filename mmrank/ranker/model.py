@@ -4,9 +4,9 @@ Architecture (all sizes from TrainConf):
 - per-modality projections `Linear -> LayerNorm -> GELU` to `proj_dim` for product text/image/audio and
   query text/audio; inputs of absent modalities are zeroed *before* projection and their outputs masked;
 - query representation q = masked mean of the present query modalities (0 if none);
-- fusion `concat`: MLP over [z_text*m_t, z_image*m_i, z_audio*m_a, m] (the design-notes baseline);
-  fusion `gated`: weights w_m = softmax over *present* modalities of gate([q, z_m]) + per-modality bias,
-  absent modalities weight 0 (all 0 when no modality is present); fused = sum_m w_m z_m;
+- fusion (`cfg.fusion`, a registered `mmrank.ranker.fusion` class): `concat` (MLP over the masked modality
+  vectors and the mask, the design-notes baseline) or `gated` (query-conditioned softmax weights over the
+  present modalities);
 - scorer MLP on [q, fused, q*fused, match] with dropout -> one score per slot, where `match` (with
   `cfg.match_features`) holds the cosines query-text/product-text and query-audio/product-audio (same encoder,
   same space), each 0 unless both sides have that modality and the product modality is allowed and unmasked.
@@ -24,25 +24,18 @@ import torch
 from torch import nn
 
 from mmrank.config import TrainConf
-from mmrank.ranker.batch import PRODUCT_MODALITIES, QUERY_MODALITIES, Batch, ModalityDims
+from mmrank.modalities import MATCHED, PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims
+from mmrank.ranker.batch import Batch
+from mmrank.ranker.fusion import masked, mlp
+from mmrank.registry import FUSIONS
 
 N_PRODUCT_MODALITIES = len(PRODUCT_MODALITIES)
-MATCHED = tuple(m for m in PRODUCT_MODALITIES if m in QUERY_MODALITIES)  # modalities with a query-side twin
 _MATCHED_PRODUCT = [PRODUCT_MODALITIES.index(m) for m in MATCHED]
 _MATCHED_QUERY = [QUERY_MODALITIES.index(m) for m in MATCHED]
 
 
 def _projection(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.GELU())
-
-
-def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Module:
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
-
-
-def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Zero `x[..., :]` where `mask` (shape x.shape[:-1]) is 0; robust to NaN/inf in masked inputs."""
-    return torch.where(mask.unsqueeze(-1) > 0, x, torch.zeros_like(x))
 
 
 class FusionRanker(nn.Module):
@@ -56,13 +49,9 @@ class FusionRanker(nn.Module):
         p = cfg.proj_dim
         self.product_proj = nn.ModuleDict({m: _projection(dims.of(m), p) for m in PRODUCT_MODALITIES})
         self.query_proj = nn.ModuleDict({m: _projection(dims.of(m), p) for m in QUERY_MODALITIES})
-        if cfg.fusion == "concat":
-            self.fusion = _mlp(N_PRODUCT_MODALITIES * (p + 1), cfg.hidden_dim, p, cfg.dropout)
-        else:
-            self.gate = _mlp(2 * p, cfg.hidden_dim, 1, 0.0)
-            self.gate_bias = nn.Parameter(torch.zeros(N_PRODUCT_MODALITIES))
+        self.fusion = FUSIONS.get(cfg.fusion)(N_PRODUCT_MODALITIES, p, cfg.hidden_dim, cfg.dropout)
         self.n_match = len(MATCHED) if cfg.match_features else 0
-        self.scorer = _mlp(3 * p + self.n_match, cfg.hidden_dim, 1, cfg.dropout)
+        self.scorer = mlp(3 * p + self.n_match, cfg.hidden_dim, 1, cfg.dropout)
         self.register_buffer("allowed", torch.tensor([float(m in cfg.modalities) for m in PRODUCT_MODALITIES]),
                              persistent=False)
 
@@ -71,13 +60,13 @@ class FusionRanker(nn.Module):
         """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities` (no modality dropout),
         match [B, L, len(MATCHED)] raw query-product cosines, 0 where the query lacks the modality)."""
         q_mask = batch["q_mask"]
-        q_parts = torch.stack([_masked(self.query_proj[m](_masked(batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
+        q_parts = torch.stack([masked(self.query_proj[m](masked(batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
                                for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
         q = q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         mask = batch["p_mask"] * self.allowed
-        z = torch.stack([self.product_proj[m](_masked(batch[f"p_{m}"], mask[..., i]))
+        z = torch.stack([self.product_proj[m](masked(batch[f"p_{m}"], mask[..., i]))
                          for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
-        return q, _masked(z, mask), mask, self._match(batch)
+        return q, masked(z, mask), mask, self._match(batch)
 
     def _match(self, batch: Batch) -> torch.Tensor:
         B, L = batch["p_mask"].shape[:2]
@@ -85,23 +74,14 @@ class FusionRanker(nn.Module):
             return batch["p_mask"].new_zeros(B, L, 0)
         cos = []
         for m, qi, pi in zip(MATCHED, _MATCHED_QUERY, _MATCHED_PRODUCT):
-            q = _masked(batch[f"q_{m}"], batch["q_mask"][:, qi]).unsqueeze(1)       # absent -> 0 -> cosine 0
-            p = _masked(batch[f"p_{m}"], batch["p_mask"][..., pi])
+            q = masked(batch[f"q_{m}"], batch["q_mask"][:, qi]).unsqueeze(1)       # absent -> 0 -> cosine 0
+            p = masked(batch[f"p_{m}"], batch["p_mask"][..., pi])
             cos.append(nn.functional.cosine_similarity(q, p, dim=-1, eps=1e-8))
         return torch.stack(cos, dim=-1)
 
-    def _gate_weights(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        qe = q[:, None, None, :].expand_as(z)
-        logits = self.gate(torch.cat([qe, z], dim=-1)).squeeze(-1) + self.gate_bias     # [B, L, 3]
-        logits = logits.masked_fill(mask <= 0, torch.finfo(logits.dtype).min)
-        return torch.softmax(logits, dim=-1) * (mask > 0)
-
     def fuse(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, P] fused product representation for the given (possibly occluded) mask."""
-        z = _masked(z, mask)
-        if self.cfg.fusion == "concat":
-            return self.fusion(torch.cat([z.flatten(start_dim=2), mask], dim=-1))
-        return (self._gate_weights(q, z, mask).unsqueeze(-1) * z).sum(dim=2)
+        return self.fusion(q, masked(z, mask), mask)
 
     def score(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
         """[B, L] scores from encoded inputs under `mask` (a masked product modality also hides its match)."""
@@ -156,9 +136,9 @@ class FusionRanker(nn.Module):
 
     @torch.no_grad()
     def gate_weights(self, batch: Batch) -> torch.Tensor:
-        """[B, L, 3] query-conditioned modality weights of the gated fusion (sum 1 over present modalities,
-        0 for absent ones). ValueError for concat fusion."""
-        if self.cfg.fusion != "gated":
-            raise ValueError("gate_weights needs fusion='gated'")
+        """[B, L, 3] query-conditioned modality weights of a weighting fusion such as `gated` (sum 1 over
+        present modalities, 0 for absent ones). ValueError for a fusion without weights (`concat`)."""
+        if not hasattr(self.fusion, "weights"):
+            raise ValueError(f"gate_weights needs a weighting fusion (e.g. gated); train.fusion is {self.cfg.fusion!r}")
         q, z, mask, _ = self.encode(batch)
-        return self._gate_weights(q, z, mask)
+        return self.fusion.weights(q, z, mask)

@@ -25,17 +25,19 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from mmrank.config import FeaturesConf, MMRankConfig
-from mmrank.encoders import get_encoder
-from mmrank.encoders.device import set_threads
+from mmrank.config import FeaturesConf
+from mmrank.encoders.device import set_threads, task_threads
+from mmrank.encoders.registry import get_encoder
 from mmrank.lakehouse import Lakehouse, sql_date
-from mmrank.runs import track_stage
+from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+from mmrank.runs import StageRun
+from mmrank.stages import stage
 
 log = logging.getLogger("mmrank.featurize")
 
 STAGE = "featurize"
 FEATURE_TABLES = {"products": ("product_features", "product_id"), "queries": ("query_features", "query_id")}
-MODALITIES = {"products": ("text", "image", "audio"), "queries": ("text", "audio")}
+MODALITIES = {"products": PRODUCT_MODALITIES, "queries": QUERY_MODALITIES}
 ENCODE_SCHEMA = ("source string, id string, modality string, content_hash string, "
                  "embedding array<float>, error string")
 PAYLOAD_CHARS = 200
@@ -81,23 +83,13 @@ def candidates(lh: Lakehouse, source: str, versions: dict[str, str]) -> DataFram
     return out
 
 
-def task_threads(cfg: FeaturesConf) -> int:
-    """torch threads for this Spark task: features.torch_threads, else the task's CPUs (spark.task.cpus)."""
-    if cfg.torch_threads:
-        return cfg.torch_threads
-    from pyspark import TaskContext
-
-    tc = TaskContext.get()
-    return max(1, tc.cpus()) if tc is not None else 1
-
-
 def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
     """The `mapInPandas` function: (source, id, modality, text, data, content_hash) -> ENCODE_SCHEMA rows.
 
     Runs in Spark Python workers: encoders come from the per-process cache (loaded once per worker).
     """
     def _run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        set_threads(task_threads(cfg))
+        set_threads(task_threads(cfg.torch_threads))
         for pdf in batches:
             for modality, part in pdf.groupby("modality", sort=False):
                 enc = get_encoder(modality, cfg)
@@ -152,46 +144,45 @@ def _merge_features(lh: Lakehouse, source: str, encoded: DataFrame, cands: DataF
     log.info("featurize %s: committed %s", run_date, table)
 
 
-def run(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
+@stage(STAGE, inputs=("products", "queries"), outputs=("product_features", "query_features", "quarantine"))
+def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     """Embed what changed since the last run; returns counts (encoded / unchanged per source and modality)."""
     cfg = lh.cfg.features
-    encoders = {m: get_encoder(m, cfg) for m in ("text", "image", "audio")}
+    encoders = {m: get_encoder(m, cfg) for m in PRODUCT_MODALITIES}
     versions = {m: e.version for m, e in encoders.items()}
-    with track_stage(lh, STAGE, run_date, inputs=("products", "queries"),
-                     outputs=("product_features", "query_features", "quarantine")) as rec:
-        rec.model_version = ";".join(f"{m}={v}" for m, v in versions.items())
-        rec.counts.update({f"{k}_{s}_{m}": 0 for k in ("attempted", "unchanged", "encoded")
-                           for s, ms in MODALITIES.items() for m in ms})
-        cands = {s: candidates(lh, s, versions) for s in FEATURE_TABLES}
-        marked = None
+    rec.model_version = ";".join(f"{m}={v}" for m, v in versions.items())
+    rec.counts.update({f"{k}_{s}_{m}": 0 for k in ("attempted", "unchanged", "encoded")
+                       for s, ms in MODALITIES.items() for m in ms})
+    cands = {s: candidates(lh, s, versions) for s in FEATURE_TABLES}
+    marked = None
+    for s, (table, key) in FEATURE_TABLES.items():
+        have = lh.read(table).select(F.col(key).alias("id"), "modality", "content_hash",
+                                     F.lit(True).alias("_have"))
+        m = cands[s].join(have, ["id", "modality", "content_hash"], "left")
+        marked = m if marked is None else marked.unionByName(m)
+    for (s, m, unchanged, n) in marked.groupBy(
+            "source", "modality", F.col("_have").isNotNull()).count().collect():
+        rec.counts[f"{'unchanged' if unchanged else 'attempted'}_{s}_{m}"] = n
+    todo = marked.where(F.col("_have").isNull()).drop("_have")
+    n_todo = sum(v for k, v in rec.counts.items() if k.startswith("attempted_"))
+    min_batch = min(getattr(cfg, m).batch_size for m in versions)
+    n_parts = min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch))
+    log.info("featurize %s: encoding %d new or changed items in %d partition(s)", run_date, n_todo, n_parts)
+    encoded = encode_frame(todo, cfg, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        for (s, m, ok, n) in encoded.groupBy("source", "modality", F.col("error").isNull()).count().collect():
+            if ok:
+                rec.counts[f"encoded_{s}_{m}"] = n
         for s, (table, key) in FEATURE_TABLES.items():
-            have = lh.read(table).select(F.col(key).alias("id"), "modality", "content_hash",
-                                         F.lit(True).alias("_have"))
-            m = cands[s].join(have, ["id", "modality", "content_hash"], "left")
-            marked = m if marked is None else marked.unionByName(m)
-        for (s, m, unchanged, n) in marked.groupBy(
-                "source", "modality", F.col("_have").isNotNull()).count().collect():
-            rec.counts[f"{'unchanged' if unchanged else 'attempted'}_{s}_{m}"] = n
-        todo = marked.where(F.col("_have").isNull()).drop("_have")
-        n_todo = sum(v for k, v in rec.counts.items() if k.startswith("attempted_"))
-        min_batch = min(getattr(cfg, m).batch_size for m in versions)
-        n_parts = min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch))
-        log.info("featurize %s: encoding %d new or changed items in %d partition(s)", run_date, n_todo, n_parts)
-        encoded = encode_frame(todo, cfg, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
-        try:
-            for (s, m, ok, n) in encoded.groupBy("source", "modality", F.col("error").isNull()).count().collect():
-                if ok:
-                    rec.counts[f"encoded_{s}_{m}"] = n
-            for s, (table, key) in FEATURE_TABLES.items():
-                _merge_features(lh, s, encoded, cands[s], encoders, run_date, rec.counts)
-            bad = encoded.where(F.col("error").isNotNull()).join(
-                todo.select("source", "id", "modality", "text", "data"), ["source", "id", "modality"])
-            rec.counts["quarantined"] = lh.quarantine(bad.select(
-                F.concat_ws(":", "source", "id", "modality").alias("record_id"),
-                F.col("error").alias("reason"), _payload().alias("payload")), STAGE, run_date)
-        finally:
-            encoded.unpersist()
-        rec.counts["encoded"] = sum(v for k, v in rec.counts.items() if k.startswith("encoded_"))
-        rec.counts["unchanged"] = sum(v for k, v in rec.counts.items() if k.startswith("unchanged_"))
-        log.info("featurize %s: %s", run_date, rec.counts)
-        return dict(rec.counts)
+            _merge_features(lh, s, encoded, cands[s], encoders, run_date, rec.counts)
+        bad = encoded.where(F.col("error").isNotNull()).join(
+            todo.select("source", "id", "modality", "text", "data"), ["source", "id", "modality"])
+        rec.counts["quarantined"] = lh.quarantine(bad.select(
+            F.concat_ws(":", "source", "id", "modality").alias("record_id"),
+            F.col("error").alias("reason"), _payload().alias("payload")), STAGE, run_date)
+    finally:
+        encoded.unpersist()
+    rec.counts["encoded"] = sum(v for k, v in rec.counts.items() if k.startswith("encoded_"))
+    rec.counts["unchanged"] = sum(v for k, v in rec.counts.items() if k.startswith("unchanged_"))
+    log.info("featurize %s: %s", run_date, rec.counts)
+    return None

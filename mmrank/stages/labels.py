@@ -18,7 +18,8 @@ from pyspark.sql import functions as F
 
 from mmrank.config import LabelsConf
 from mmrank.lakehouse import Lakehouse, sql_date
-from mmrank.runs import track_stage
+from mmrank.runs import StageRun
+from mmrank.stages import stage
 
 HIDDEN_SOURCES = ("generator_truth",)  # evaluation-only truth, never a training label
 
@@ -105,14 +106,14 @@ def build_labels(lh: Lakehouse, run_date: dt.date) -> tuple[DataFrame, np.ndarra
     return df.withColumn("run_date", F.lit(sql_date(run_date)).cast("date")), theta
 
 
-def run(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
+@stage("labels", inputs=("query_log", "judgments"), outputs=("labels",))
+def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     """Stage `labels`: rebuild the `labels` table (one overwrite commit) for run_date."""
-    with track_stage(lh, "labels", run_date, inputs=("query_log", "judgments"), outputs=("labels",)) as rec:
-        df, theta = build_labels(lh, run_date)
-        lh.overwrite("labels", df)
-        out = lh.read("labels").groupBy("source").count().collect()
-        rec.counts.update({f"labels_{r['source'].replace(':', '_')}": r["count"] for r in out})
-        rec.counts["labels"] = sum(r["count"] for r in out)
-        if theta is not None:
-            rec.message = "propensity=" + ",".join(f"{t:.3f}" for t in theta)
-    return dict(rec.counts)
+    df, theta = build_labels(lh, run_date)
+    lh.overwrite("labels", df)
+    out = lh.read("labels").groupBy("source").count().collect()
+    counts = {f"labels_{r['source'].replace(':', '_')}": r["count"] for r in out}
+    counts["labels"] = sum(r["count"] for r in out)
+    if theta is not None:
+        rec.message = "propensity=" + ",".join(f"{t:.3f}" for t in theta)
+    return counts

@@ -24,13 +24,14 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from mmrank.lakehouse import Lakehouse
-from mmrank.runs import track_stage
+from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims, widths_from_list_lengths
+from mmrank.runs import StageRun
+from mmrank.scoring.features import bad_feature_rows, pivot
+from mmrank.stages import stage
 
 log = logging.getLogger("mmrank")
 
 STAGE = "training_lists"
-PRODUCT_MODALITIES = ("text", "image", "audio")
-QUERY_MODALITIES = ("text", "audio")
 SPLITS = ("train", "validation", "test")
 _HASH_BUCKETS = 1_000_000
 
@@ -49,39 +50,6 @@ def feature_dims(lh: Lakehouse) -> dict[str, int]:
         if r["d"] and r["d"] > 0 and r["count"] > best.get(r["modality"], (0, 0))[1]:
             best[r["modality"]] = (int(r["d"]), int(r["count"]))
     return {m: best.get(m, (1, 0))[0] for m in PRODUCT_MODALITIES}
-
-
-def _width(dims: dict[str, int]) -> F.Column:
-    """The expected embedding length of each row's `modality`."""
-    return F.element_at(F.create_map(*[x for m, d in dims.items() for x in (F.lit(m), F.lit(d))]),
-                        F.col("modality"))
-
-
-def finite(c: str = "embedding") -> F.Column:
-    """True when every element of the array column is a finite number (no null, NaN or +-inf)."""
-    return F.forall(c, lambda x: x.isNotNull() & ~F.isnan(x) & (F.abs(x) < F.lit(float("inf"))))
-
-
-def _pivot(df: DataFrame, key: str, modalities: tuple[str, ...], dims: dict[str, int]) -> DataFrame:
-    """One row per `key` with an embedding column per modality (null when missing, of the wrong width or
-    holding NaN/inf: such an embedding is never trained on)."""
-    good = df.where(F.col("modality").isin(*modalities) & (F.size("embedding") == _width(dims))
-                    & finite())
-    return good.groupBy(key).agg(*[
-        F.first(F.when(F.col("modality") == m, F.col("embedding")), ignorenulls=True).alias(m)
-        for m in modalities])
-
-
-def _bad_widths(df: DataFrame, key: str, dims: dict[str, int]) -> DataFrame:
-    """Quarantine rows for embeddings whose length is not their modality's width or that hold NaN/inf."""
-    expected = _width(dims)
-    wrong = F.size("embedding") != expected
-    return df.where(wrong | ~finite()).select(
-        F.concat_ws(":", key, "modality").alias("record_id"),
-        F.when(wrong, F.lit("embedding width differs from the modality's"))
-         .otherwise(F.lit("embedding has non-finite values (NaN/inf)")).alias("reason"),
-        F.concat(F.lit("len="), F.size("embedding").cast("string"), F.lit(" expected="),
-                 expected.cast("string")).alias("payload"))
 
 
 def _zeros(n: str | int) -> str:
@@ -110,8 +78,8 @@ def build(lh: Lakehouse, run_date: dt.date) -> tuple[DataFrame, DataFrame, dict[
     L, seed = tc.list_size, tc.seed
     dims = feature_dims(lh)
     pf, qf = lh.read("product_features"), lh.read("query_features")
-    prods = _pivot(pf, "product_id", PRODUCT_MODALITIES, dims)
-    queries = _pivot(qf, "query_id", QUERY_MODALITIES, dims)
+    prods = pivot(pf, "product_id", PRODUCT_MODALITIES, dims)
+    queries = pivot(qf, "query_id", QUERY_MODALITIES, dims)
     labels = (lh.read("labels").groupBy("query_id", "product_id")
               .agg(F.max("label").cast("double").alias("grade")))
 
@@ -132,9 +100,7 @@ def build(lh: Lakehouse, run_date: dt.date) -> tuple[DataFrame, DataFrame, dict[
     bad_p = cand.where(~F.col("has_product")).select(
         F.concat_ws("/", "query_id", "product_id").alias("record_id"),
         F.lit("candidate product has no features").alias("reason"), F.lit("").alias("payload"))
-    quarantine = (bad_q.unionByName(bad_p).unionByName(_bad_widths(pf, "product_id", dims))
-                  .unionByName(_bad_widths(qf.where(F.col("modality").isin(*QUERY_MODALITIES)),
-                                           "query_id", dims)))
+    quarantine = bad_q.unionByName(bad_p).unionByName(bad_feature_rows(pf, qf, dims))
 
     # --- deterministic candidate subset and order ------------------------------------------------------
     usable = cand.where(F.col("has_product") & F.col("has_query").isNotNull()).withColumn(
@@ -166,19 +132,17 @@ def build(lh: Lakehouse, run_date: dt.date) -> tuple[DataFrame, DataFrame, dict[
     return lists, quarantine, dims
 
 
-def run(lh: Lakehouse, run_date: dt.date) -> dict[str, int]:
+@stage(STAGE, inputs=("labels", "product_features", "query_features"), outputs=("training_lists",))
+def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     """Build and write `training_lists` (one atomic overwrite: the lists of the current labels/features)."""
-    with track_stage(lh, STAGE, run_date, inputs=("labels", "product_features", "query_features"),
-                     outputs=("training_lists",)) as rec:
-        lists, quarantine, dims = build(lh, run_date)
-        lh.overwrite("training_lists", lists.orderBy("query_id"))
-        counts = {f"lists_{r['split']}": int(r["count"])
-                  for r in lh.read("training_lists").groupBy("split").count().collect()}
-        counts["lists"] = sum(counts.values())
-        counts["quarantined"] = lh.quarantine(quarantine, STAGE, run_date)
-        counts.update({f"dim_{m}": d for m, d in dims.items()})
-        rec.counts.update(counts)
-        return counts
+    lists, quarantine, dims = build(lh, run_date)
+    lh.overwrite("training_lists", lists.orderBy("query_id"))
+    counts = {f"lists_{r['split']}": int(r["count"])
+              for r in lh.read("training_lists").groupBy("split").count().collect()}
+    counts["lists"] = sum(counts.values())
+    counts["quarantined"] = lh.quarantine(quarantine, STAGE, run_date)
+    counts.update({f"dim_{m}": d for m, d in dims.items()})
+    return counts
 
 
 # ---- readers for single-process training / evaluation -------------------------------------------------
@@ -195,12 +159,27 @@ def read_splits(lh: Lakehouse) -> dict[str, pd.DataFrame]:
     return {s: rows[rows["split"] == s].reset_index(drop=True) for s in SPLITS}
 
 
-def dims_of(rows: pd.DataFrame, list_size: int):
-    """`ModalityDims` recovered from the flattened array lengths of a training_lists row."""
-    from mmrank.ranker.batch import ModalityDims
-
-    r = rows.iloc[0]
-    return ModalityDims(text=len(r["q_text"]), image=len(r["p_image"]) // list_size, audio=len(r["q_audio"]))
+def list_dims(lh: Lakehouse) -> ModalityDims:
+    """Embedding widths of the lists in `training_lists` (from its array lengths); `product_features.dim` for
+    a modality absent from every list."""
+    L = lh.cfg.train.list_size
+    r = lh.read("training_lists").agg(
+        F.max(F.size("grades")).alias("l"), *[F.max(F.size(c)).alias(c)
+                                              for c in ("q_text", "p_image", "q_audio", "p_audio")]).first()
+    if r is None or not r["l"] or r["l"] <= 0:
+        raise ValueError("training_lists is empty: run the training_lists stage first")
+    found = widths_from_list_lengths(r.asDict(), r["l"])
+    missing = [m for m, d in found.items() if d <= 0]
+    if missing:
+        feats = {row["modality"]: row["d"] for row in lh.read("product_features").groupBy("modality")
+                 .agg(F.max("dim").alias("d")).collect()}
+        for m in missing:
+            if not feats.get(m):
+                raise ValueError(f"cannot infer the {m} embedding dim from training_lists or product_features")
+            found[m] = feats[m]
+    if r["l"] != L:
+        log.warning("training_lists has lists of %d slots, train.list_size is %d", r["l"], L)
+    return ModalityDims(**found)
 
 
 def load_split(lh: Lakehouse, split: str, list_size: int | None = None) -> dict:
@@ -211,4 +190,4 @@ def load_split(lh: Lakehouse, split: str, list_size: int | None = None) -> dict:
     rows = read_split(lh, split)
     if rows.empty:
         return {}
-    return rows_to_batch(rows, dims_of(rows, L), L)
+    return rows_to_batch(rows, list_dims(lh), L)

@@ -23,11 +23,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mmrank import baselines, eval_report
+from mmrank import report
 from mmrank.lakehouse import Lakehouse
-from mmrank.ranker.batch import PRODUCT_MODALITIES, Batch, ModalityDims, iterate_batches
-from mmrank.runs import track_stage
-from mmrank.training_lists import dims_of, read_splits
+from mmrank.modalities import PRODUCT_MODALITIES, ModalityDims
+from mmrank.ranker import baselines
+from mmrank.ranker.batch import Batch, iterate_batches
+from mmrank.runs import StageRun
+from mmrank.stages import stage
+from mmrank.stages.training_lists import list_dims, read_splits
 
 log = logging.getLogger("mmrank")
 
@@ -90,9 +93,8 @@ def artifact_model(lh: Lakehouse, dims: ModalityDims, notes: list[str]) -> tuple
     """(version, scorer) of the latest artifact, or None (with a note) when there is none or it does not fit."""
     from mmrank.ranker.artifact import ArtifactError, load_artifact
 
-    adir = lh.cfg.resolve_path(lh.cfg.storage.artifacts_dir)
     try:
-        model, meta = load_artifact(adir)
+        model, meta = load_artifact(lh.paths.artifacts)
     except (ArtifactError, FileNotFoundError, OSError) as e:
         notes.append(f"`fusion` (trained artifact) not evaluated: {e}")
         return None
@@ -140,7 +142,7 @@ def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | 
         raise ValueError("training_lists has no test lists: run the training_lists stage first")
     from mmrank.ranker.batch import rows_to_batch
 
-    dims = dims_of(frames["test"], L)
+    dims = list_dims(lh)
     batches = {s: rows_to_batch(f, dims, L) for s, f in frames.items() if not f.empty}
     notes: list[str] = []
     models: dict[str, tuple[str, Scorer]] = {}
@@ -173,24 +175,21 @@ def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | 
     return rows, meta
 
 
-def run(lh: Lakehouse, run_date: dt.date, dataset: str = "sample",
+@stage(STAGE, inputs=("training_lists",), outputs=("metrics",))
+def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, dataset: str = "sample",
         extra: dict[str, Scorer] | None = None) -> dict[str, int]:
     """Evaluate all models on the test split; write `metrics` (replacing run_date + dataset) and the report.
 
     `extra`: additional name -> scorer(batch) -> [B, L] scores to evaluate alongside (tests, experiments).
     """
     dataset = _valid_name(dataset)
-    with track_stage(lh, STAGE, run_date, inputs=("training_lists",), outputs=("metrics",)) as rec:
-        rows, meta = evaluate(lh, dataset, extra)
-        meta["run_date"] = run_date.isoformat()
-        rec.model_version = meta["artifact_version"]
-        schema = lh.read("metrics").schema
-        recs = [tuple({**r, "run_date": run_date, "dataset": dataset}[c] for c in schema.fieldNames())
-                for r in rows]
-        lh.replace_date("metrics", lh.spark.createDataFrame(recs, schema=schema), run_date,
-                        extra=f"dataset = '{dataset}'")
-        out_dir = lh.cfg.resolve_path(lh.cfg.storage.reports_dir) / run_date.isoformat()
-        eval_report.write_report(out_dir, dataset, pd.DataFrame(rows), meta)
-        rec.counts.update({"models": len({r["model_name"] for r in rows}), "metric_rows": len(rows),
-                           "test_lists": meta["test_lists"]})
-        return dict(rec.counts)
+    rows, meta = evaluate(lh, dataset, extra)
+    meta["run_date"] = run_date.isoformat()
+    rec.model_version = meta["artifact_version"]
+    schema = lh.read("metrics").schema
+    recs = [tuple({**r, "run_date": run_date, "dataset": dataset}[c] for c in schema.fieldNames()) for r in rows]
+    lh.replace_date("metrics", lh.spark.createDataFrame(recs, schema=schema), run_date,
+                    extra=f"dataset = '{dataset}'")
+    report.write_evaluation(lh.paths.reports(run_date), dataset, pd.DataFrame(rows), meta)
+    return {"models": len({r["model_name"] for r in rows}), "metric_rows": len(rows),
+            "test_lists": meta["test_lists"]}

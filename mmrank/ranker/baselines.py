@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 
 from mmrank.config import EvaluateConf
+from mmrank.modalities import QUERY_MODALITIES, l2_normalize, search_choice
 from mmrank.ranker.batch import PAD_GRADE, Batch
 
 log = logging.getLogger("mmrank")
@@ -33,16 +34,16 @@ def _real(batch: Batch) -> np.ndarray:
 
 def cosine(batch: Batch, modality: str) -> np.ndarray:
     """[B, L] cosine between the query's and each product's `modality` embedding (0 when either is absent)."""
-    q, p = _np(batch[f"q_{modality}"]), _np(batch[f"p_{modality}"])
-    qn = q / np.maximum(np.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
-    pn = p / np.maximum(np.linalg.norm(p, axis=-1, keepdims=True), 1e-12)
-    return np.einsum("bd,bld->bl", qn, pn)
+    q, p = l2_normalize(_np(batch[f"q_{modality}"])), l2_normalize(_np(batch[f"p_{modality}"]))
+    return np.einsum("bd,bld->bl", q, p)
 
 
 def similarity_scores(batch: Batch) -> np.ndarray:
-    """Unsupervised baseline: text cosine; a voice query (no query text) falls back to audio cosine."""
-    has_text = _np(batch["q_mask"])[:, :1] > 0
-    s = np.where(has_text, cosine(batch, "text"), cosine(batch, "audio"))
+    """Unsupervised baseline: the cosine in the modality the query searches with (`search_choice`: text for a
+    typed query, audio for a voice query)."""
+    q_mask = _np(batch["q_mask"])
+    choice = search_choice({m: q_mask[:, i] > 0 for i, m in enumerate(QUERY_MODALITIES)})
+    s = np.where(choice["text"][:, None], cosine(batch, "text"), cosine(batch, "audio"))
     return np.where(_real(batch), s, -np.inf)
 
 

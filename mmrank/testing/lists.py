@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 
-from mmrank.ranker.batch import PAD_GRADE, ModalityDims
+from mmrank.modalities import ModalityDims
+from mmrank.ranker.batch import PAD_GRADE
 
 
 def synthetic_lists(n_queries: int, list_size: int, dims: ModalityDims, seed: int = 0,

@@ -1,0 +1,145 @@
+"""The `train` stage: fit the fusion ranker on `training_lists` with the configured backend and data loader,
+then save the model artifact (`mmrank.ranker.artifact`) with its provenance.
+
+Checkpoints go to `lh.paths.checkpoints(<run key>)`; the run key covers run_date, backend, loader,
+process count, the `training_lists` version and the training settings except `max_epochs`/`patience`, so a
+re-started run (or one given more epochs) resumes from its last checkpoint. They are deleted once the
+artifact is saved.
+
+Unless forced (`jobs/train.py` always is; the nightly's `--force-train`), the stage trains only when it is
+due (`train_due`): no model yet, or the latest model was trained `train.train_every_days` or more days before
+the run_date. When it is not due it records a `succeeded` row with message `not due: ...` and the current model
+version, and scoring keeps using that model.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from mmrank.config import TrainConf
+from mmrank.distributed.backends import TrainOutcome, train_with_backend, world_size_of
+from mmrank.lakehouse import Lakehouse, sql_date
+from mmrank.ranker.artifact import ArtifactError, latest_version, load_artifact, save_artifact
+from mmrank.ranker.fit import CHECKPOINT_FILE
+from mmrank.runs import StageRun
+from mmrank.stages import stage
+from mmrank.stages.training_lists import list_dims
+
+log = logging.getLogger("mmrank")
+
+_NOT_IN_RUN_KEY = ("max_epochs", "patience", "train_every_days")
+
+
+def encoder_versions(lh: Lakehouse) -> dict[str, list[str]]:
+    """modality -> sorted `encoder:encoder_version` strings present in product_features ({} if absent)."""
+    if not lh.exists("product_features"):
+        return {}
+    rows = lh.read("product_features").select("modality", "encoder", "encoder_version").distinct().collect()
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        out.setdefault(r["modality"], []).append(f"{r['encoder']}:{r['encoder_version']}")
+    return {m: sorted(v) for m, v in sorted(out.items())}
+
+
+def run_key(run_date: dt.date, train: TrainConf, backend: str, lists_version: int | None) -> str:
+    settings = {k: v for k, v in train.model_dump(mode="json").items() if k not in _NOT_IN_RUN_KEY}
+    blob = json.dumps({"settings": settings, "backend": backend, "lists": lists_version}, sort_keys=True)
+    return f"{run_date:%Y%m%d}-{backend}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None) -> tuple[TrainOutcome, str]:
+    """Train with `backend` (default cfg.train.backend), resuming from this run's checkpoint if one exists;
+    save the artifact; returns (outcome, artifact version)."""
+    train = lh.cfg.train
+    backend = backend or train.backend
+    dims = list_dims(lh)
+    lists_version = lh.version("training_lists")
+    ckpt: Path = lh.paths.checkpoints(run_key(run_date, train, backend, lists_version))
+    resume = (ckpt / CHECKPOINT_FILE).exists()
+    if resume:
+        log.info("resuming from checkpoint in %s", ckpt)
+    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume)
+    meta = {
+        "run_date": run_date.isoformat(), "backend": out.backend, "world_size": out.world_size,
+        "data_loader": out.data_loader, "training_lists_version": lists_version,
+        "encoder_versions": encoder_versions(lh), "val_metrics": out.fit.best_metrics,
+        "best_epoch": out.fit.best_epoch, "epochs_run": out.fit.epochs_run,
+        "samples_per_sec": out.fit.samples_per_sec,
+    }
+    version = save_artifact(out.model, meta, lh.paths.artifacts)
+    log.info("train %s: saved model artifact %s (best epoch %d of %d)", run_date, version, out.fit.best_epoch + 1,
+             out.fit.epochs_run)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return out, version
+
+
+def last_trained(lh: Lakehouse, run_date: dt.date) -> tuple[str | None, dt.date | None]:
+    """(latest model version, run_date it was trained for) or (None, None) when there is no model.
+
+    The date comes from the artifact meta (`run_date`) when present, else from the latest `succeeded`
+    train row in `runs` that really trained (not a `not due` row), else the artifact's `created_at` day.
+    """
+    adir = lh.paths.artifacts
+    try:
+        version = latest_version(adir)
+    except ArtifactError:
+        return None, None
+    trained: dt.date | None = None
+    created = None
+    try:
+        _, meta = load_artifact(adir, version)
+        raw = meta.get("run_date") or meta.get("trained_run_date")
+        trained = dt.date.fromisoformat(str(raw)[:10]) if raw else None
+        created = meta.get("created_at")
+    except Exception as e:  # unreadable meta: fall back to the runs table
+        log.warning("could not read model %s meta: %s", version, e)
+    if trained is None and lh.exists("runs"):
+        row = (lh.read("runs").where("stage = 'train' AND status = 'succeeded' AND "
+                                     "coalesce(message, '') NOT LIKE 'not due%'")
+               .where(F.col("run_date") <= F.lit(sql_date(run_date)).cast("date"))
+               .agg(F.max("run_date")).first())
+        trained = row[0] if row else None
+    if trained is None and created:
+        trained = dt.date.fromisoformat(str(created)[:10])
+    return str(version), trained
+
+
+def train_due(lh: Lakehouse, run_date: dt.date, force: bool = False) -> tuple[bool, str, str | None]:
+    """(due?, reason, current model version)."""
+    version, trained = last_trained(lh, run_date)
+    every = lh.cfg.train.train_every_days
+    if force:
+        return True, "forced", version
+    if version is None:
+        return True, "no model yet", None
+    if trained is None:
+        return True, f"model {version} has no training date", version
+    age = (run_date - trained).days
+    if age >= every:
+        return True, f"model {version} is {age} day(s) old (train.train_every_days = {every})", version
+    return False, f"not due: model {version} is {age} day(s) old (train.train_every_days = {every})", version
+
+
+@stage("train", inputs=("training_lists",))
+def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, backend: str | None = None,
+        force: bool = True) -> dict[str, int]:
+    """Train (when due or `force`d) and save the artifact: counts of train/val lists, epochs, samples/s;
+    `rec.model_version` = the artifact version (the kept model's when not due)."""
+    due, reason, version = train_due(lh, run_date, force)
+    if not due:
+        rec.model_version, rec.message = version, reason
+        log.info("train %s: %s: keeping it", run_date, reason)
+        return {"trained": 0}
+    log.info("train %s: training (%s)", run_date, reason)
+    out, version = train_and_save(lh, run_date, backend)
+    by_split = dict(lh.read("training_lists").groupBy("split").count().collect())
+    rec.model_version = version
+    return {"train_lists": int(by_split.get("train", 0)), "val_lists": int(by_split.get("validation", 0)),
+            "epochs": out.fit.epochs_run, "samples_per_sec": int(round(out.fit.samples_per_sec)),
+            "world_size": world_size_of(out.backend, lh.cfg.train.num_proc)}
