@@ -15,7 +15,6 @@ the landing zone is fed upstream); it is skipped without a row. `train` decides 
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ from mmrank.report import NIGHTLY_FILE
 from mmrank.runs import date_rows
 from mmrank.stages import evaluate, featurize, generate, ingest, labels, report, score, train, training_lists
 
-log = logging.getLogger("mmrank.nightly")
 
 
 @dataclass

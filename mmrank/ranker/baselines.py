@@ -9,7 +9,6 @@ split only (`evaluate.lgbm_pca_dim` components each). Grades are rounded to inte
 """
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 from sklearn.decomposition import PCA
@@ -18,7 +17,6 @@ from mmrank.config import EvaluateConf
 from mmrank.modalities import QUERY_MODALITIES, l2_normalize, search_choice
 from mmrank.ranker.batch import PAD_GRADE, Batch
 
-log = logging.getLogger("mmrank")
 
 _EMBEDDINGS = ("q_text", "q_audio", "p_text", "p_image", "p_audio")
 _MAX_LABEL = 30  # LightGBM's default label_gain covers grades 0..30

@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import logging
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -26,7 +25,6 @@ from pyspark.sql import DataFrame
 from mmrank.encoders.device import set_threads, task_threads
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 
-log = logging.getLogger("mmrank.scoring")
 
 QUANT_SUFFIX = "+int8"
 SCORED_SCHEMA = ("query_id string, product_id string, score float, contrib_text float, contrib_image float, "
