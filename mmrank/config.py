@@ -346,15 +346,27 @@ def _set_in(tree: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+_SENSITIVE = ("secret", "password", "token", "credential", "key")
+
+
+def _shown(key: str, value: object) -> str:
+    """A bad value as the error may print it: short scalars under harmless keys; anything else (mappings may
+    hold credentials, e.g. `spark.extra`) is withheld."""
+    if isinstance(value, (bool, int, float)) or (isinstance(value, str) and len(value) <= 60):
+        if not any(s in key.lower() for s in _SENSITIVE):
+            return f" (value {value!r})"
+    return " (value withheld)"
+
+
 def _format_errors(err: ValidationError, raw: dict) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"unknown key {key!r} (value {e['input']!r}): not a setting; check the spelling")
+            lines.append(f"unknown key {key!r}{_shown(key, e['input'])}: not a setting; check the spelling")
         else:
             allowed = e.get("ctx", {}).get("expected") or e["msg"]
-            lines.append(f"{key} = {e['input']!r} is invalid: {allowed}")
+            lines.append(f"{key}{_shown(key, e['input'])} is invalid: {allowed}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
@@ -12,6 +13,42 @@ from mmrank.stages import evaluate, training_lists
 from mmrank.lakehouse import Lakehouse
 
 
+def _judged_grade(product_id: str) -> float | None:
+    """Independent judgments, a fixed function of the candidate's slot j in `write_toy` that disagrees with the
+    labels (which make j % 3 == 0 relevant): j % 3 == 1 judged relevant (grade 1..3), j % 3 == 0 judged
+    irrelevant, j % 3 == 2 never judged (must count as 0)."""
+    j = int(product_id.rsplit("_p", 1)[1])
+    return {0: 0.0, 1: float(1 + (j // 3) % 3)}.get(j % 3)
+
+
+def _judgments(lh: Lakehouse):
+    """`judgments` rows for every labelled pair that `_judged_grade` judges; relevant pairs also get a second,
+    lower grade from another source (evaluation takes the max over sources)."""
+    rows = []
+    for r in lh.read("labels").where(F.col("query_id") != "q_nofeat").select("query_id", "product_id").collect():
+        g = _judged_grade(r.product_id)
+        if g is None:
+            continue
+        rows.append((r.query_id, r.product_id, g, "toy", RUN_DATE))
+        if g > 0:
+            rows.append((r.query_id, r.product_id, 0.0, "toy_second_opinion", RUN_DATE))
+    return lh.spark.createDataFrame(rows, schema=lh.read("judgments").schema)
+
+
+def _lookup_scorer(frame, grade_of):
+    """Scores [B, L] for the lists of `frame` (rows in the order evaluation batches them: by query_id) from a
+    per-pair lookup; padding gets -inf."""
+    L = len(frame["grades"].iloc[0])
+    out = np.full((len(frame), L), -np.inf)
+    for i, (q, pids) in enumerate(zip(frame["query_id"], frame["product_ids"])):
+        out[i, :len(pids)] = [grade_of(q, p) for p in pids]
+
+    def score(b):
+        assert tuple(b["grades"].shape) == out.shape
+        return out
+    return score
+
+
 @pytest.fixture(scope="module")
 def evaluated(spark, tmp_path_factory):
     from mmrank.ranker.artifact import save_artifact
@@ -19,25 +56,28 @@ def evaluated(spark, tmp_path_factory):
 
     lh = Lakehouse(spark, make_config(tmp_path_factory.mktemp("eval"), "train.list_size=10",
                                       "train.max_epochs=2", "evaluate.lgbm_params={n_estimators: 20}"))
-    write_toy(lh, n_queries=40, n_cands=10, seed=1)
-    judged = lh.read("labels").selectExpr("query_id", "product_id", "label AS grade", "'toy' AS source",
-                                          "run_date")
-    lh.overwrite("judgments", judged)  # judgments == labels: test_judgments must equal test
+    write_toy(lh, n_queries=80, n_cands=10, seed=1)
+    lh.overwrite("judgments", _judgments(lh))
     training_lists.run(lh, RUN_DATE)
     dims = training_lists.list_dims(lh)
     train = training_lists.load_split(lh, "train")
-    model, _ = train_local(train, train, dims, lh.cfg.train)
+    # the evaluated artifact is trained long enough to learn the toy signal (tiny lists: milliseconds per
+    # epoch); the baselines evaluate.run trains keep the cheap train.max_epochs=2
+    model, _ = train_local(train, train, dims, lh.cfg.train.model_copy(update={"max_epochs": 30}))
     version = save_artifact(model, {}, lh.paths.artifacts)
-    extra = {"oracle": lambda b: b["grades"].numpy(), "anti_oracle": lambda b: -b["grades"].numpy()}
+    test = training_lists.read_split(lh, "test")
+    extra = {"oracle": lambda b: b["grades"].numpy(), "anti_oracle": lambda b: -b["grades"].numpy(),
+             "judgment_oracle": _lookup_scorer(test, lambda q, p: _judged_grade(p) or 0.0),
+             "constant": lambda b: np.zeros(tuple(b["grades"].shape))}
     counts = evaluate.run(lh, RUN_DATE, dataset="toy", extra=extra)
     rows = lh.read("metrics").toPandas()
-    return lh, counts, rows, version
+    return lh, counts, rows, version, test
 
 
 def test_every_model_has_metrics_in_range(evaluated):
-    _, counts, rows, version = evaluated
+    _, counts, rows, version, _ = evaluated
     expected = {"fusion", "similarity", "gated_fusion", "concat_fusion", "text_only", "image_only",
-                "audio_only", "lightgbm_lambdamart", "oracle", "anti_oracle"}
+                "audio_only", "lightgbm_lambdamart", "oracle", "anti_oracle", "judgment_oracle", "constant"}
     assert set(rows["model_name"]) == expected and counts["models"] == len(expected)
     assert not rows.duplicated(["model_name", "split", "metric", "k"]).any()
     assert (rows["dataset"] == "toy").all() and set(rows["split"]) == {"test", "test_judgments"}
@@ -57,9 +97,36 @@ def test_oracle_scores_one_and_anti_oracle_less(evaluated):
     assert rows[("oracle", "mrr", None)] == pytest.approx(1.0)
 
 
-def test_judgment_grades_match_when_judgments_equal_labels(evaluated):
-    rows = evaluated[2].fillna({"k": -1}).set_index(["model_name", "metric", "k", "split"])["value"].unstack()
-    assert rows["test"].to_numpy() == pytest.approx(rows["test_judgments"].to_numpy())
+def _by_split(rows):
+    return rows.fillna({"k": -1}).set_index(["model_name", "metric", "k", "split"])["value"].unstack()
+
+
+def test_judgment_metrics_are_computed_from_the_judgments(evaluated):
+    """`test_judgments` grades come from `judgments` (max over sources, unjudged candidate = 0), not from the
+    labels: an oracle of the judgments is perfect there and not on `test`, the label oracle the other way
+    round, and a model's metrics differ between the two targets."""
+    test = evaluated[4]
+    labels = np.concatenate([np.asarray(g)[:n] for g, n in zip(test["grades"], test["list_len"])])
+    judged = np.array([_judged_grade(p) or 0.0 for pids in test["product_ids"] for p in pids])
+    assert len(test) >= 3 and (labels > 0).any() and (judged > 0).any()
+    assert ((labels > 0) != (judged > 0)).mean() > 0.3   # the two targets really disagree
+    v = _by_split(evaluated[2])
+    assert set(v.columns) == {"test", "test_judgments"}
+    for k in (5, 10):
+        assert v.loc[("judgment_oracle", "ndcg", k), "test_judgments"] == pytest.approx(1.0)
+        assert v.loc[("judgment_oracle", "ndcg", k), "test"] < 0.9
+        assert v.loc[("oracle", "ndcg", k), "test"] == pytest.approx(1.0)
+        assert v.loc[("oracle", "ndcg", k), "test_judgments"] < 0.9
+    assert v.loc[("judgment_oracle", "mrr", -1), "test_judgments"] == pytest.approx(1.0)
+    assert v.loc[("judgment_oracle", "map", -1), "test_judgments"] == pytest.approx(1.0)
+    assert (v["test"] - v["test_judgments"]).abs().max() > 0.1
+
+
+def test_trained_model_beats_a_constant_scorer(evaluated):
+    """Evaluation can tell a model that learned nothing: equal scores for every candidate rank below `fusion`."""
+    v = _by_split(evaluated[2])["test"]
+    assert v[("fusion", "ndcg", 10)] > v[("constant", "ndcg", 10)] + 0.05
+    assert v[("constant", "ndcg", 10)] < v[("oracle", "ndcg", 10)]
 
 
 def test_report_files(evaluated):

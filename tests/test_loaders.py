@@ -63,14 +63,43 @@ def test_each_row_reaches_exactly_one_rank(lists_lh, kind):
         assert not any(p.is_dir() for p in cache.iterdir())
 
 
-def test_shuffle_is_seeded_by_epoch_and_rank(lists_lh):
+def _epoch(ld, epoch: int) -> torch.Tensor:
+    return torch.cat([b["grades"] for b in ld.epoch_batches(epoch)])
+
+
+def _order(ld, epoch: int) -> list[int]:
+    """Positions, in the rank's own shard (`shard_rows`, key order), of the lists of one epoch, in the order
+    they came (lists are told apart by their query text embedding)."""
+    pos = {tuple(np.asarray(v, np.float32).tolist()): i for i, v in enumerate(ld.shard_rows()["q_text"])}
+    assert len(pos) == len(ld.shard_rows()["q_text"])
+    return [pos[tuple(v)] for b in ld.epoch_batches(epoch) for v in b["q_text"].tolist()]
+
+
+def test_shuffle_is_seeded_by_epoch_and_rank(lists_lh, spark, tmp_path):
     with prepare_specs(lists_lh, lists_lh.cfg.train, DIMS, 2, kind="parquet") as specs:
-        first = lambda ld, e: torch.cat([b["grades"] for b in ld.epoch_batches(e)])  # noqa: E731
         a, b = make_loader(specs["train"], 0, 2), make_loader(specs["train"], 0, 2)
-        assert torch.equal(first(a, 0), first(b, 0))
-        assert not torch.equal(first(a, 0), first(a, 1))
+        assert torch.equal(_epoch(a, 0), _epoch(b, 0))
+        assert not torch.equal(_epoch(a, 0), _epoch(a, 1))
         val = make_loader(specs["validation"], 1, 2)
-        assert torch.equal(first(val, 0), first(val, 1))  # validation is not shuffled
+        assert torch.equal(_epoch(val, 0), _epoch(val, 1))  # validation is not shuffled
+
+    # the rank is part of the seed: two ranks holding equally many lists shuffle them differently
+    lh = Lakehouse(spark, make_config(tmp_path, f"train.list_size={L}", "train.batch_size=8"))
+    lh.overwrite("training_lists", synthetic_lists_df(spark, 40, L, DIMS, seed=5, splits=(1.0, 0.0)).repartition(2))
+    with prepare_specs(lh, lh.cfg.train, DIMS, 2, splits=("train",), kind="parquet") as specs:
+        spec = specs["train"]
+        r0, r1 = make_loader(spec, 0, 2), make_loader(spec, 1, 2)
+        n = len(r0.shard_rows()[KEY_COL])
+        assert n == len(r1.shard_rows()[KEY_COL]) == 20
+        assert not set(r0.shard_rows()[KEY_COL]) & set(r1.shard_rows()[KEY_COL])  # disjoint shards
+        for epoch in (0, 1):
+            o0, o1 = _order(r0, epoch), _order(r1, epoch)
+            assert sorted(o0) == sorted(o1) == list(range(n))  # each rank: its whole shard, once
+            assert o0 != list(range(n)) and o1 != list(range(n))  # shuffled
+            assert o0 != o1, f"epoch {epoch}: ranks 0 and 1 shuffled their shards identically"
+            # the same (epoch, rank) reproduces, in a fresh loader too
+            assert o0 == _order(make_loader(spec, 0, 2), epoch) and o1 == _order(make_loader(spec, 1, 2), epoch)
+        assert _order(r1, 0) != _order(r1, 1)
 
 
 def test_parquet_matches_petastorm_rows(lists_lh):

@@ -1,17 +1,21 @@
 """Issue #8, part 2: SIGKILL the real job processes (`python jobs/X.py`) mid-run; afterwards every table is
 readable at a consistent Delta version, and a re-run gives exactly the tables of an uninterrupted run.
 
-One lakehouse R is prepared in-process (generate, ingest, labels) and copied to R2, which runs featurize
-uninterrupted (the reference for featurize); once R has its features and training lists it is copied to R3,
-which trains and scores uninterrupted (the reference for train and score). On R, the jobs run as subprocesses
-and are killed (whole process group: driver, JVM, Python workers -- nothing gets to clean up) when a chosen
-progress line appears on their stdout:
+Every test kills jobs on a lakehouse of its own, copied from state the module fixtures prepare in-process, so
+each test also runs alone (`pytest tests/test_reliability_crash.py::<test>`):
+- `lakes`: PREP (generate, ingest, labels) and REF, a copy of PREP featurized uninterrupted (the reference
+  for featurize); test 1 kills featurize on its own copy of PREP.
+- `trained`: TRAIN, a copy of REF with its training lists; REF2, a copy of TRAIN trained and scored
+  uninterrupted (the reference for train and score); SCORE, a copy of REF2 taken after training and before
+  scoring. Test 2 kills train on TRAIN, test 3 kills score on SCORE.
+The jobs run as subprocesses and are killed (whole process group: driver, JVM, Python workers -- nothing gets
+to clean up) when a chosen progress line appears on their stdout:
 
 1. featurize, at "encoding ... items"            -> before any commit
 2. featurize, at "committed product_features"    -> between its two table commits
 3. train,     at "epoch 1/N done ... checkpoint saved" (mid-training; resume from the checkpoint)
 4. score,     at "stage score ... started" + a short delay (before its single commit)
-After each kill the re-run (in-process, same functions the job calls) must produce checksums equal to R2's.
+After each kill the re-run (in-process, same functions the job calls) must produce the reference's tables.
 Four JVM starts in total.
 """
 from __future__ import annotations
@@ -106,19 +110,40 @@ def assert_consistent(lh: Lakehouse) -> dict[str, int | None]:
     return versions
 
 
+def _lake(spark, root: Path, bert: str) -> Lakehouse:
+    return Lakehouse(spark, load_config(None, overrides(root, bert)))
+
+
+def _copy(spark, src: Lakehouse, root: Path, bert: str) -> Lakehouse:
+    """A lakehouse at `root` holding a copy of `src`'s tables, artifacts and work files."""
+    shutil.copytree(src.root, root)
+    return _lake(spark, root, bert)
+
+
 @pytest.fixture(scope="module")
 def lakes(spark, tmp_path_factory):
     base = tmp_path_factory.mktemp("crash")
     bert = tiny_bert_dir(base / "bert")
-    r, ref = base / "r", base / "ref"
-    lh = Lakehouse(spark, load_config(None, overrides(r, bert)))
-    generate.run(lh, D)
-    ingest.run(lh, D)
-    labels.run(lh, D)
-    shutil.copytree(r, ref)
-    ref_lh = Lakehouse(spark, load_config(None, overrides(ref, bert)))
-    featurize.run(ref_lh, D)
-    return dict(lh=lh, ref=ref_lh, sets=overrides(r, bert), bert=bert, base=base, spark=spark)
+    prep = _lake(spark, base / "prep", bert)
+    generate.run(prep, D)
+    ingest.run(prep, D)
+    labels.run(prep, D)
+    ref = _copy(spark, prep, base / "ref", bert)
+    featurize.run(ref, D)
+    return dict(prep=prep, ref=ref, bert=bert, base=base, spark=spark)
+
+
+@pytest.fixture(scope="module")
+def trained(lakes):
+    spark, base, bert = lakes["spark"], lakes["base"], lakes["bert"]
+    lh = _copy(spark, lakes["ref"], base / "train", bert)
+    training_lists.run(lh, D)
+    ref2 = _copy(spark, lh, base / "ref2", bert)
+    version = train.train_and_save(ref2, D)[1]
+    score_lh = _copy(spark, ref2, base / "score", bert)       # trained, not scored yet
+    score.run(ref2, D)
+    return dict(lh=lh, ref2=ref2, ref_version=version, ref_scores=ref2.checksum("ranking_scores"),
+                score_lh=score_lh)
 
 
 def same_features(lh: Lakehouse, ref: Lakehouse, table: str, key: str) -> None:
@@ -134,7 +159,8 @@ def same_features(lh: Lakehouse, ref: Lakehouse, table: str, key: str) -> None:
 
 
 def test_kill_featurize_before_any_commit_then_between_commits(lakes):
-    lh, sets = lakes["lh"], lakes["sets"]
+    lh = _copy(lakes["spark"], lakes["prep"], lakes["base"] / "featurize", lakes["bert"])
+    sets = overrides(lh.root, lakes["bert"])
     before = assert_consistent(lh)
     run_and_kill("featurize", sets, r"featurize \S+: encoding \d+ new")
     after = assert_consistent(lh)
@@ -157,18 +183,9 @@ def test_kill_featurize_before_any_commit_then_between_commits(lakes):
     assert stage_status(lh, D, "featurize") == "succeeded"
 
 
-def test_kill_train_mid_training_then_resume(lakes):
-    lh, sets = lakes["lh"], lakes["sets"]
-    if stage_status(lh, D, "featurize") != "succeeded":
-        featurize.run(lh, D)
-    training_lists.run(lh, D)
-    # the uninterrupted reference for train and score: a copy of this lakehouse, trained and scored in-process
-    ref2 = lakes["base"] / "ref2"
-    shutil.copytree(lh.root, ref2)
-    ref_lh = Lakehouse(lakes["spark"], load_config(None, overrides(ref2, lakes["bert"])))
-    lakes["ref_version"] = train.train_and_save(ref_lh, D)[1]
-    score.run(ref_lh, D)
-    lakes["ref2"], lakes["ref_scores"] = ref_lh, ref_lh.checksum("ranking_scores")
+def test_kill_train_mid_training_then_resume(lakes, trained):
+    lh, ref2 = trained["lh"], trained["ref2"]
+    sets = overrides(lh.root, lakes["bert"])
     run_and_kill("train", sets, rf"epoch 1/{EPOCHS} done.*checkpoint saved")
     assert_consistent(lh)
     adir = lh.paths.artifacts
@@ -177,8 +194,8 @@ def test_kill_train_mid_training_then_resume(lakes):
     ckpts = list(lh.paths.work().glob("checkpoints/*/checkpoint.pt"))
     assert len(ckpts) == 1
     out, version = train.train_and_save(lh, D)                   # re-run resumes from epoch 2
-    assert out.fit.epochs_run == EPOCHS and version == lakes["ref_version"]
-    ref_dir = lakes["ref2"].paths.artifacts
+    assert out.fit.epochs_run == EPOCHS and version == trained["ref_version"]
+    ref_dir = ref2.paths.artifacts
     assert ((adir / "models" / version / "weights.safetensors").read_bytes()
             == (ref_dir / "models" / version / "weights.safetensors").read_bytes())
     meta = json.loads((adir / "models" / version / "model.json").read_text())
@@ -186,14 +203,15 @@ def test_kill_train_mid_training_then_resume(lakes):
     assert not ckpts[0].exists()                                  # checkpoints cleaned once the artifact exists
 
 
-def test_kill_score_before_commit_then_rerun(lakes):
-    lh, sets = lakes["lh"], lakes["sets"]
+def test_kill_score_before_commit_then_rerun(lakes, trained):
+    lh = trained["score_lh"]
+    sets = overrides(lh.root, lakes["bert"])
     adir = lh.paths.artifacts
-    if not (adir / "models" / LATEST_FILE).exists():
-        pytest.skip("needs the model of test_kill_train_mid_training_then_resume")
+    assert (adir / "models" / LATEST_FILE).read_text().strip() == trained["ref_version"]
+    assert stage_status(lh, D, "score") is None
     run_and_kill("score", sets, r"stage score \(run_date \S+\) started", delay=1.0)
     v = assert_consistent(lh)
     assert lh.read("ranking_scores").count() == 0 and v["ranking_scores"] in (None, 0)
     score.run(lh, D)
-    assert lh.checksum("ranking_scores") == lakes["ref_scores"]
+    assert lh.checksum("ranking_scores") == trained["ref_scores"]
     assert_consistent(lh)

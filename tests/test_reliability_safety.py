@@ -154,40 +154,85 @@ MARKER = "zq-private-marker-7731"
 SECRET = "tok_SECRETSECRET_3141592653"
 
 
-@pytest.mark.slow
-def test_logs_carry_no_user_text_or_secrets(spark, tmp_path, monkeypatch, caplog, capsys):
-    """Run ingest (BYO) + featurize + a failing stage with a query/title containing a marker and a config value
-    that looks like a secret; nothing of either may appear in any log record, stdout/stderr or runs.message."""
-    import pandas as pd
+def _job_module(name: str):
+    """A job script `jobs/<name>.py` loaded as a module (its `main`, and `parser` where it has one)."""
+    import importlib.util
 
-    from mmrank.stages import featurize
-    from mmrank.stages import ingest
-    from mmrank.lakehouse import Lakehouse
+    spec = importlib.util.spec_from_file_location(f"_job_{name}", REPO / "jobs" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_logs_carry_no_user_text_or_secrets(spark, tmp_path, caplog, capsys):
+    """Run the real jobs through `mmrank.cli.run_job` (ingest BYO, featurize, then an ingest that fails) with a
+    query/title containing a marker and a secret-looking config value given on the command line; nothing of
+    either may appear in any log record (tracebacks included), stdout/stderr or any `runs` column."""
+    import pandas as pd
+    import yaml
+
+    from mmrank.cli import job_parser, run_job
     from tests.conftest import make_config
     from tests.test_encoders import tiny_bert_dir
 
-    monkeypatch.setenv("MMRANK_TEST_SECRET", SECRET)
     bert = tiny_bert_dir(tmp_path / "bert")
-    # a secret-looking value in a config field that is legitimately free text (spark.extra) and the app name
-    cfg = make_config(tmp_path / "lake", f"features.text.path={bert}", "features.device=cpu",
-                      "features.text.max_chars=100", f"spark.extra={{spark.hadoop.fs.s3a.secret.key: {SECRET}}}")
-    lh = Lakehouse(spark, cfg)
+    base = make_config(tmp_path / "lake", f"features.text.path={bert}", "features.device=cpu",
+                       "features.text.max_chars=100")
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump(base.model_dump(mode="json", by_alias=True)))
     pd.DataFrame({"product_id": ["p1", "p2", "p3"],
                   "title": [f"red scarf {MARKER}", f"{MARKER} " * 30, None]}).to_csv(tmp_path / "c.csv", index=False)
     pd.DataFrame({"query": [f"scarf {MARKER}"], "product_id": ["p1"], "grade": [3]}).to_csv(
         tmp_path / "j.csv", index=False)
     day = dt.date(2026, 11, 21)
+    # the secret enters only here: a free-text config field (spark.extra) set on the job command line
+    common = ["--conf", str(conf), "--run-date", day.isoformat(),
+              "--set", f"spark.extra={{spark.hadoop.fs.s3a.secret.key: {SECRET}}}"]
+    seen = []
+
+    def spy(fn):
+        def wrapped(lh, args):
+            seen.append(lh)
+            return fn(lh, args)
+        return wrapped
+
+    ingest_job, featurize_job = _job_module("ingest"), _job_module("featurize")
     caplog.set_level(logging.DEBUG)
-    ingest.run(lh, day, source="byo", catalog=str(tmp_path / "c.csv"), judgments=str(tmp_path / "j.csv"))
-    featurize.run(lh, day)
-    with pytest.raises(ValueError):                      # a failed stage logs and records its message
-        ingest.run(lh, day, source="byo", catalog=str(tmp_path / "j.csv"))
+    byo = ["--source", "byo", "--catalog", str(tmp_path / "c.csv"), "--judgments", str(tmp_path / "j.csv")]
+    assert run_job(ingest_job.parser(), spy(ingest_job.main), common + byo) == 0
+    assert run_job(job_parser("featurize"), spy(featurize_job.main), common) == 0
+    # a failing stage: run_job logs the exception (with its traceback) and the stage records its message
+    bad = ["--source", "byo", "--catalog", str(tmp_path / "j.csv")]
+    assert run_job(ingest_job.parser(), spy(ingest_job.main), common + bad) == 1
+
+    # the secret did reach the code: every job's config held it, and it was fingerprinted into runs
+    assert len(seen) == 3 and all(lh.cfg.spark.extra == {"spark.hadoop.fs.s3a.secret.key": SECRET} for lh in seen)
+    lh = seen[-1]
+    runs = lh.read("runs").toPandas()
+    assert set(runs["stage"]) == {"ingest", "featurize"}
+    assert (runs["config_hash"] == lh.cfg.fingerprint()).all()
+    assert lh.cfg.fingerprint() != base.fingerprint()
+    failed = runs.set_index("stage").loc["ingest"]
+    assert failed["status"] == "failed" and failed["message"]
     assert lh.read("quarantine").count() >= 1            # the too-long title went to quarantine
+    assert any(r.exc_info for r in caplog.records), "the failure's traceback was not logged"
+
     out = capsys.readouterr()
-    text = "\n".join(r.getMessage() for r in caplog.records) + out.out + out.err
-    text += "\n".join(str(r["message"]) for r in lh.read("runs").collect())
+    text = "\n".join(r.getMessage() for r in caplog.records) + caplog.text + out.out + out.err
+    text += "\n".join(str(v) for row in runs.itertuples(index=False) for v in row)
     assert caplog.records, "nothing was logged: the check would be vacuous"
     assert MARKER not in text, [line for line in text.splitlines() if MARKER in line][:3]
-    assert SECRET not in text
+    assert SECRET not in text, [line for line in text.splitlines() if SECRET in line][:3]
     assert SECRET not in os.environ.get("PYSPARK_SUBMIT_ARGS", "")
     assert not re.search(r"secret\.key\s*[:=]\s*\S", text)
+
+
+def test_config_errors_do_not_echo_secret_values(capsys):
+    from mmrank.cli import job_parser, run_job
+
+    argv = ["--set", f"spark.extr={{spark.hadoop.fs.s3a.secret.key: {SECRET}}}"]  # misspelt spark.extra
+    assert run_job(job_parser("x"), lambda lh, args: None, argv) == 2   # refused before Spark starts
+    err = capsys.readouterr().err
+    assert "spark.extr" in err            # the error names the bad key ...
+    assert SECRET not in err              # ... but must not print its value
