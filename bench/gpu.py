@@ -106,7 +106,7 @@ def sweep_encoders(data: dict, args, device) -> tuple[list[str], dict]:
             for bs in args.batch_sizes[m]:
                 enc = get_encoder(m, features(m, bs, prec, device.type, args.cpu_smoke), device)
                 rate = direct_rate(enc, items, args.arrow_batch, args.repeats)
-                rows.append(f"| {m}: {enc.name} | {bs} | {prec} ({enc.precision}) | {rate:,.0f} |")
+                rows.append(f"| {m}: {enc.name} | {bs} | {prec} ({enc.precision}) | {num(rate)} |")
                 if rate > best.get(m, (0.0,))[0]:
                     best[m] = (rate, bs, prec)
     return rows, best
@@ -142,7 +142,7 @@ def image_bounds(items: list, bs: int, prec: str, args, device) -> list[str]:
     with torch.inference_mode():
         rates = {k: n / best_of(f, args.repeats) for k, f, n in
                  (("decode+resize", decode_only, n_items), ("model", model_only, n_model), ("both", both, n_items))}
-    return [f"| {k} | {bs} | {prec} | {v:,.0f} |" for k, v in rates.items()]
+    return [f"| {k} | {bs} | {prec} | {num(v)} |" for k, v in rates.items()]
 
 
 def spark_session(tasks: int, arrow_batch: int):
@@ -181,7 +181,7 @@ def spark_vs_direct(spark, data: dict, best: dict, args, device) -> list[str]:
         df.unpersist()
         target = TARGETS.get(m)
         vs = f"{rate / target:.2f}x of {target:,}" if target else "-"
-        rows.append(f"| {m} | {bs} | {prec} | {direct:,.0f} | {rate:,.0f} | {rate / direct:.2f}x | {vs} |")
+        rows.append(f"| {m} | {bs} | {prec} | {num(direct)} | {num(rate)} | {rate / direct:.2f}x | {vs} |")
     return rows
 
 
@@ -215,7 +215,7 @@ def scorer_rows(spark, args, device) -> list[str]:
         run = lambda: score_df(sdf, adir, version, False, bs, args.spark_tasks).write.format("noop").mode(  # noqa
             "overwrite").save()
         s = n / best_of(run, args.repeats)
-        rows.append(f"| {bs} | {model_device(model)} | {d:,.0f} | {s:,.0f} | {s / d:.2f}x |")
+        rows.append(f"| {bs} | {model_device(model)} | {num(d)} | {num(s)} | {s / d:.2f}x |")
     sdf.unpersist()
     return rows
 
@@ -240,8 +240,13 @@ def training_rows(args, device) -> list[str]:
                             torch_threads=args.threads)
             model = build_model(dims, cfg).to(device)
             res = fit(model, batches_fn(batch, bs, True, 0), batches_fn(batch, 4096, False, 0), cfg)
-            rows.append(f"| {bs} | {prec} | {res.samples_per_sec:,.0f} |")
+            rows.append(f"| {bs} | {prec} | {num(res.samples_per_sec)} |")
     return rows
+
+
+def num(x: float) -> str:
+    """A rate for the tables: thousands separated, 3 significant digits below 100."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def table(title: str, header: str, rows: list[str]) -> str:

@@ -131,3 +131,15 @@ def test_reduce_on_a_two_process_gloo_group(tmp_path):
     for rank in (0, 1):  # every rank gets the float64 sums (1e-12 survives: no float32 rounding)
         assert torch.load(tmp_path / f"r.{rank}").tolist() == [4.0, 30.0, 2e-12]
     assert _reduce([1.0, 2.0], None) == [1.0, 2.0]
+
+
+def test_gpu_bench_on_a_machine_without_gpu_says_so_and_exits_0():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench/gpu.py")], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})  # hides a GPU if this machine has one
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "No GPU present" in proc.stdout and "measured nothing" in proc.stdout
