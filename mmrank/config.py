@@ -168,6 +168,9 @@ class ImageEncoderConf(_EncoderConf):
     batch_size: int = Field(32, ge=1)
     handcrafted: bool = Field(True, description="append colour-histogram + edge-orientation features to the CNN")
     seed: int = Field(0, description="seed of the random-init CNN used when weights_path is None")
+    decoder: Literal["auto", "pil", "torchvision"] = Field(
+        "auto", description="image decoding: pil (CPU) or torchvision (JPEGs decoded as a batch on the encoder's "
+        "device: nvJPEG on a GPU; other formats fall back to PIL); auto = torchvision on a GPU, pil on CPU")
 
 
 class AudioEncoderConf(_EncoderConf):
@@ -184,8 +187,14 @@ class AudioEncoderConf(_EncoderConf):
 
 
 class FeaturesConf(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = the GPU Spark assigned to the task when one is visible, else cpu")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast dtype; auto = bf16 on GPUs with native bf16 (compute capability >= 8.0), "
+        "fp16 on older GPUs, fp32 on CPU")
+    overlap: Literal["auto", "on", "off"] = Field(
+        "auto", description="decode the next batches on a CPU thread while the model runs the current one; "
+        "auto = on when encoding on a GPU")
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads per Spark task; None = spark.task.cpus (1 by default)")
     text: TextEncoderConf = TextEncoderConf()
@@ -243,6 +252,9 @@ class TrainConf(_Section):
         "ndcg@10", description="validation metric for early stopping and best-weights selection")
     seed: int = 13
     torch_threads: int = Field(1, ge=1, description="intra-op threads while training (per process / rank)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="training autocast; auto = bf16 on GPUs with native bf16, fp16 with loss scaling on "
+        "older GPUs, fp32 on CPU")
     split: dict[str, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
     data_loader: str = Field("petastorm", description="registered data loader (mmrank.distributed.loaders)")
     train_every_days: int = Field(1, ge=1, description="nightly retrains when the model is this many days old")

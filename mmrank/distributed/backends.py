@@ -3,8 +3,11 @@
 - `local`: one process, the driver (rank 0 of 1).
 - `horovod`: `horovod.spark.run` starts `num_proc` Spark tasks (gloo on CPU; NCCL when Horovod was built with
   it and GPUs are visible); `hvd.DistributedOptimizer` averages gradients, `hvd.allreduce` sums metrics.
+  Each rank trains on the GPU Spark gave its task (`horovod.spark.task.get_available_devices()`).
 - `torch_distributor`: `pyspark.ml.torch.distributor.TorchDistributor(local_mode=True)` runs `num_proc`
-  torchrun processes; DistributedDataParallel (gloo on CPU, nccl on GPU), `all_reduce` sums metrics.
+  torchrun processes; DistributedDataParallel (gloo on CPU; on GPU a `cpu:gloo,cuda:nccl` group, so CUDA
+  tensors go over NCCL and CPU ones over gloo), `all_reduce` sums metrics. Rank r uses cuda:LOCAL_RANK among
+  the GPUs TorchDistributor made visible (Spark's assignment).
 
 Every backend runs the same `run_worker` on each rank: same initial weights (seeded and broadcast), same
 per-rank loaders (`mmrank.distributed.loaders`), same `mmrank.ranker.fit.fit`. What crosses process
@@ -24,6 +27,7 @@ import torch
 
 from mmrank.config import TrainConf
 from mmrank.distributed.loaders import LoaderSpec, make_loader, prepare_specs
+from mmrank.encoders.device import process_group_backend, resolve_device
 from mmrank.lakehouse import Lakehouse
 from mmrank.modalities import ModalityDims
 from mmrank.ranker.fit import FitResult, build_model, fit
@@ -68,7 +72,13 @@ def _sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _device(local_rank: int) -> torch.device:
-    return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's device: the GPU Spark assigned to the task hosting it when there is one (Horovod on Spark),
+    else `local_rank` among the visible GPUs (torchrun under TorchDistributor, which narrows
+    CUDA_VISIBLE_DEVICES to Spark's GPUs first), else CPU. The current CUDA device is set to it."""
+    device = resolve_device("auto", local_rank=local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def run_worker(job: WorkerJob, rank: int = 0, world_size: int = 1, *,
@@ -126,11 +136,8 @@ def torch_distributor_worker(job: WorkerJob) -> WorkerResult | None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    device = _device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(process_group_backend(device.type))  # metric sums / objects are CPU tensors: gloo
     try:
         ddp = lambda m: DDP(m, device_ids=[device.index] if device.type == "cuda" else None)  # noqa: E731
         out = run_worker(job, dist.get_rank(), dist.get_world_size(), prepare=ddp, device=device,

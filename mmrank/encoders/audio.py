@@ -56,9 +56,9 @@ class AudioEncoder(Encoder):
 
     modality = "audio"
 
-    def __init__(self, name: str, features: FeaturesConf):
+    def __init__(self, name: str, features: FeaturesConf, device: torch.device | None = None):
         c = features.audio
-        super().__init__(name, features, c.batch_size)
+        super().__init__(name, features, c.batch_size, device)
         self.sr, self.n_mels, self.n_mfcc, self.channels, self.seed = (
             c.sample_rate, c.n_mels, c.n_mfcc, c.conv_channels, c.seed)
         self.max_samples = int(round(c.max_seconds * self.sr))

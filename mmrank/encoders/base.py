@@ -1,13 +1,20 @@
 """The `Encoder` interface: load once, decode items one by one, encode them in batches, never fail a batch.
 
 Subclasses implement `decode(item)` (raw input -> tensor/string, raising `ItemError` with a quarantine
-reason for bad input) and `_forward(batch)` (list of decoded items -> [n, dim] tensor); the base class
-does batching, inference mode, autocast, device placement and per-item error collection.
+reason for bad input), optionally `_collate(batch)` (decoded items -> what `_forward` takes, e.g. one pinned
+host tensor; runs on the decode thread) and `_forward(collated)` (-> [n, dim] tensor, may raise `BadItems`
+for items that fail only on the device). The base class does batching, inference mode, autocast, device
+placement, per-item error collection and, when `features.overlap` is on (auto: on a GPU), decodes and
+collates the next window of batches on a CPU thread while the model runs the current one.
+
+An encoder is built without a device (`name`, `version`, `dim` need none: the driver only reads those) and is
+placed on its device when it loads: `mmrank.encoders.device.resolve_device`, i.e. the GPU Spark gave the task.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
@@ -21,10 +28,21 @@ from mmrank.encoders.device import autocast_dtype, inference, precision_name, re
 log = logging.getLogger("mmrank.encoders")
 
 _FINGERPRINT_BYTES = 1 << 20
+WINDOW_BATCHES = 4  # with overlap: batches decoded per window (one window ahead of the model)
+_Prepared = tuple[dict[int, str], list[tuple[list[int], list[Any], Any]]]
 
 
 class ItemError(ValueError):
     """One input item cannot be encoded; the message is the quarantine reason."""
+
+
+class BadItems(Exception):
+    """Raised by `_forward` when some items of its batch fail only there (e.g. a JPEG that both the GPU and the
+    CPU decoder reject): batch position -> reason. The base class encodes the other items again without them."""
+
+    def __init__(self, reasons: dict[int, str]):
+        super().__init__(f"{len(reasons)} item(s) failed in the forward pass")
+        self.reasons = reasons
 
 
 def resolve(path: str | None) -> Path | None:
@@ -72,21 +90,34 @@ class Encoder(ABC):
     version: str  # changes whenever weights or preprocessing change
     dim: int
 
-    def __init__(self, name: str, features: FeaturesConf, batch_size: int):
+    def __init__(self, name: str, features: FeaturesConf, batch_size: int, device: torch.device | None = None):
         self.name = name
         self.features = features
         self.batch_size = batch_size
-        self.device = resolve_device(features)
-        self.dtype = autocast_dtype(features, self.device)
+        self.device: torch.device | None = None
+        self.dtype: torch.dtype | None = None
+        if device is not None:
+            self._place(device)
         self._loaded = False
+
+    def _place(self, device: torch.device) -> None:
+        self.device = device
+        self.dtype = autocast_dtype(self.features.precision, device)
 
     @property
     def precision(self) -> str:
         return precision_name(self.dtype)
 
+    @property
+    def overlaps(self) -> bool:
+        """Whether decoding of the next window runs on a thread beside the model (`features.overlap`)."""
+        o = self.features.overlap
+        return o == "on" or (o == "auto" and self.device is not None and self.device.type == "cuda")
+
     def __repr__(self) -> str:
+        where = self.device if self.device is not None else "not placed"
         return f"{type(self).__name__}({self.name!r}, version={self.version!r}, dim={self.dim}, " \
-               f"device={self.device.type}, precision={self.precision})"
+               f"device={where}, precision={self.precision})"
 
     # ---- to implement ----------------------------------------------------------------------------
     @abstractmethod
@@ -98,8 +129,12 @@ class Encoder(ABC):
         """Validate and decode one raw item; raise `ItemError(reason)` if it cannot be encoded."""
 
     @abstractmethod
-    def _forward(self, batch: list[Any]) -> torch.Tensor:
-        """Decoded items -> [len(batch), dim] embeddings (runs under inference mode and autocast)."""
+    def _forward(self, batch: Any) -> torch.Tensor:
+        """`_collate(decoded items)` -> [n, dim] embeddings (runs under inference mode and autocast)."""
+
+    def _collate(self, batch: list[Any]) -> Any:
+        """Decoded items -> the input of `_forward` (on the decode thread when overlapping); default: the list."""
+        return batch
 
     def _length(self, decoded: Any) -> int:
         """Sort key for batching similar lengths together (less padding); 0 = keep input order."""
@@ -107,41 +142,35 @@ class Encoder(ABC):
 
     # ---- public ----------------------------------------------------------------------------------
     def load(self) -> "Encoder":
+        """Place the encoder (Spark's GPU for this task, see `resolve_device`) and build its model, once."""
         if not self._loaded:
+            if self.device is None:
+                self._place(resolve_device(self.features.device))
             self._load()
             self._loaded = True
         return self
 
-    def encode_decoded(self, decoded: Sequence[Any]) -> np.ndarray:
-        """Embed already-decoded items in batches of `batch_size`; returns float32 [N, dim] in input order."""
-        out = np.zeros((len(decoded), self.dim), dtype=np.float32)
-        if not decoded:
-            return out
-        self.load()
-        order = sorted(range(len(decoded)), key=lambda i: self._length(decoded[i]))
-        with inference(self.device, self.dtype):
-            for s in range(0, len(order), self.batch_size):
-                idx = order[s:s + self.batch_size]
-                emb = self._forward([decoded[i] for i in idx])
-                out[idx] = emb.float().cpu().numpy()
-        return out
-
     def encode_safe(self, items: Sequence[Any]) -> tuple[list[np.ndarray | None], list[str | None]]:
-        """Per item: (embedding or None, None or the reason it failed). Bad items never fail the batch."""
+        """Per item: (embedding or None, None or the reason it failed). Bad items never fail the batch.
+
+        Without overlap all items are decoded, sorted by `_length` and batched; with overlap the same happens
+        per window of WINDOW_BATCHES batches, the next window being decoded on a thread meanwhile.
+        """
+        self.load()
         vecs: list[np.ndarray | None] = [None] * len(items)
         errors: list[str | None] = [None] * len(items)
-        ok, decoded = [], []
-        for i, item in enumerate(items):
-            try:
-                decoded.append(self.decode(item))
-                ok.append(i)
-            except ItemError as e:
-                errors[i] = str(e)[:300]
-            except Exception as e:  # an unexpected decoder failure is still one item's problem
-                errors[i] = f"{self.modality} decode failed: {type(e).__name__}: {e}"[:300]
-        emb = self.encode_decoded(decoded)
-        for j, i in enumerate(ok):
-            vecs[i] = emb[j]
+        if not self.overlaps:
+            self._run(self._prepare(items, 0, len(items), False), vecs, errors)
+            return vecs, errors
+        window = self.batch_size * WINDOW_BATCHES
+        spans = [(s, min(len(items), s + window)) for s in range(0, len(items), window)]
+        with ThreadPoolExecutor(1, thread_name_prefix=f"decode-{self.modality}") as pool:
+            ahead = pool.submit(self._prepare, items, *spans[0], True) if spans else None
+            for k in range(len(spans)):
+                prepared = ahead.result()
+                if k + 1 < len(spans):
+                    ahead = pool.submit(self._prepare, items, *spans[k + 1], True)
+                self._run(prepared, vecs, errors)
         return vecs, errors
 
     def encode(self, items: Sequence[Any]) -> np.ndarray:
@@ -151,3 +180,50 @@ class Encoder(ABC):
         if bad:
             raise ItemError(f"{len(bad)} of {len(items)} items failed; item {bad[0][0]}: {bad[0][1]}")
         return np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, self.dim), np.float32)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _prepare(self, items: Sequence[Any], lo: int, hi: int, collate: bool) -> _Prepared:
+        """Decode items[lo:hi] into (decode errors by index, model batches sorted by `_length`: (indices, decoded
+        items, their `_collate` when `collate` else None))."""
+        errors, decoded = {}, {}
+        for i in range(lo, hi):
+            try:
+                decoded[i] = self.decode(items[i])
+            except ItemError as e:
+                errors[i] = str(e)[:300]
+            except Exception as e:  # an unexpected decoder failure is still one item's problem
+                errors[i] = f"{self.modality} decode failed: {type(e).__name__}: {e}"[:300]
+        ok = sorted(decoded, key=lambda i: self._length(decoded[i]))
+        batches = []
+        for s in range(0, len(ok), self.batch_size):
+            idx = ok[s:s + self.batch_size]
+            batch = [decoded[i] for i in idx]
+            batches.append((idx, batch, self._collate(batch) if collate else None))
+        return errors, batches
+
+    def _run(self, prepared: _Prepared, vecs: list, errors: list) -> None:
+        """Embed prepared batches into `vecs` / `errors` (by item index)."""
+        decode_errors, batches = prepared
+        for i, reason in decode_errors.items():
+            errors[i] = reason
+        with inference(self.device, self.dtype):
+            for idx, batch, collated in batches:
+                for i, vec, reason in zip(idx, *self._embed(batch, collated)):
+                    vecs[i], errors[i] = vec, reason
+
+    def _embed(self, batch: list[Any], collated: Any = None) -> tuple[list[np.ndarray | None], list[str | None]]:
+        """One model batch -> per item (embedding, None), or (None, reason) for the items `_forward` rejected."""
+        try:
+            emb = self._forward(collated if collated is not None else self._collate(batch))
+        except BadItems as e:
+            reasons = {j: r[:300] for j, r in e.reasons.items()}
+            keep = [j for j in range(len(batch)) if j not in reasons]
+            vecs: list[np.ndarray | None] = [None] * len(batch)
+            if keep:
+                kept, kept_reasons = self._embed([batch[j] for j in keep])
+                for j, vec, reason in zip(keep, kept, kept_reasons):
+                    vecs[j] = vec
+                    if reason is not None:
+                        reasons[j] = reason
+            return vecs, [reasons.get(j) for j in range(len(batch))]
+        return list(emb.float().cpu().numpy()), [None] * len(batch)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from mmrank.config import FeaturesConf
 from mmrank.encoders.base import Encoder, ItemError, file_fingerprint, resolve
+from mmrank.encoders.device import staged
 from mmrank.registry import ENCODERS
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -48,9 +49,9 @@ class TextEncoder(Encoder):
 
     modality = "text"
 
-    def __init__(self, name: str, features: FeaturesConf):
+    def __init__(self, name: str, features: FeaturesConf, device: torch.device | None = None):
         c = features.text
-        super().__init__(name, features, c.batch_size)
+        super().__init__(name, features, c.batch_size, device)
         self.path = resolve(c.path) or shipped_minilm_path()
         if not (self.path / "config.json").exists():
             raise FileNotFoundError(f"features.text.path: no config.json in {self.path}")
@@ -80,7 +81,11 @@ class TextEncoder(Encoder):
     def _length(self, decoded: str) -> int:
         return len(decoded)
 
-    def _forward(self, batch: list[str]) -> torch.Tensor:
-        tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+    def _collate(self, batch: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize on the decode thread (overlapping the model when `features.overlap` is on)."""
+        tok = self.tokenizer(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return {k: staged(v, self.device) for k, v in tok.items()}
+
+    def _forward(self, tok: dict[str, torch.Tensor]) -> torch.Tensor:
+        tok = {k: v.to(self.device, non_blocking=True) for k, v in tok.items()}
         return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])

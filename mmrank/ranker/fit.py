@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mmrank.config import VALIDATION_METRICS, TrainConf
+from mmrank.encoders.device import autocast_dtype, needs_grad_scaler
 from mmrank.modalities import ModalityDims
 from mmrank.ranker.batch import Batch, iterate_batches
 from mmrank.ranker.losses import LossFn, get_loss
@@ -67,23 +68,60 @@ def _to(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _reduce(values: list[float], allreduce: Callable[[torch.Tensor], torch.Tensor] | None) -> list[float]:
-    """Sum-or-average across ranks; callers only use ratios, so either reduction gives the same result."""
-    t = torch.tensor(values, dtype=torch.float64)
-    return (allreduce(t) if allreduce is not None else t).tolist()
+def _reduce(values: list[float], allreduce: Callable[[torch.Tensor], torch.Tensor] | None,
+            device: torch.device | None = None) -> list[float]:
+    """Sum-or-average across ranks; callers only use ratios, so either reduction gives the same result.
+
+    The tensor lives on `device` (the model's): an NCCL process group only carries CUDA tensors, and a
+    `cpu:gloo,cuda:nccl` group (`process_group_backend`) routes each tensor by its device.
+    """
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    return (allreduce(t) if allreduce is not None else t).cpu().tolist()
+
+
+@dataclass
+class Amp:
+    """Mixed precision of one training run: autocast dtype (None = fp32) and the fp16 loss scaler."""
+
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    @classmethod
+    def of(cls, precision: str, device: torch.device) -> "Amp":
+        dtype = autocast_dtype(precision, device)
+        return cls(dtype, torch.amp.GradScaler(device.type) if needs_grad_scaler(dtype) else None)
+
+
+def _step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """backward + optimizer step, through the loss scaler when there is one. A Horovod DistributedOptimizer
+    all-reduces gradients asynchronously: it is synchronized before the scaler reads (unscales) them."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    if hasattr(opt, "synchronize") and hasattr(opt, "skip_synchronize"):  # horovod.torch.DistributedOptimizer
+        opt.synchronize()
+        with opt.skip_synchronize():
+            scaler.step(opt)
+    else:
+        scaler.step(opt)
+    scaler.update()
 
 
 def _train_epoch(model: nn.Module, data: Iterable[Batch], opt: torch.optim.Optimizer, loss_fn: LossFn,
-                 device: torch.device) -> tuple[float, int]:
+                 device: torch.device, amp: Amp | None = None) -> tuple[float, int]:
     """One pass; returns (sum over batches of loss * lists, number of lists)."""
+    amp = amp or Amp(None, None)
     model.train()
     loss_sum, n = 0.0, 0
     for batch in data:
         batch = _to(batch, device)
         opt.zero_grad()  # set_to_none is the default; Horovod 0.28 accepts no argument
-        loss = loss_fn(model(batch), batch["grades"])
-        loss.backward()
-        opt.step()
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
+            scores = model(batch)
+        loss = loss_fn(scores.float(), batch["grades"])
+        _step(loss, opt, amp.scaler)
         b = int(batch["grades"].shape[0])
         loss_sum += float(loss.detach()) * b
         n += b
@@ -153,6 +191,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     """
     loss_fn = get_loss(loss or cfg.loss) if loss is None or isinstance(loss, str) else loss
     device = _device(model)
+    amp = Amp.of(cfg.precision, device)
     opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if wrap_optimizer is not None:
         opt = wrap_optimizer(opt)
@@ -169,6 +208,8 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
         history, best_state, best_metrics = ckpt["history"], ckpt["best_model"], ckpt["best_metrics"]
         stopped = ckpt["stopped"]
         torch.set_rng_state(ckpt["rng"])
+        if amp.scaler is not None and ckpt.get("scaler"):
+            amp.scaler.load_state_dict(ckpt["scaler"])
 
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
@@ -182,10 +223,10 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
                 break
             torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
             t0 = time.perf_counter()
-            loss_sum, n = _train_epoch(model, train_data(epoch), opt, loss_fn, device)
+            loss_sum, n = _train_epoch(model, train_data(epoch), opt, loss_fn, device, amp)
             seconds = time.perf_counter() - t0
             train_seconds, train_lists = train_seconds + seconds, train_lists + n
-            red = _reduce([loss_sum, n] + validation_sums(model, val_data(epoch)), allreduce)
+            red = _reduce([loss_sum, n] + validation_sums(model, val_data(epoch)), allreduce, device)
             metrics = _metrics_from_sums(red[2:])
             record = {"epoch": epoch, "train_loss": red[0] / max(red[1], 1.0), "train_lists": n,
                       "seconds": seconds, **{f"val_{k}": v for k, v in metrics.items()}}
@@ -202,7 +243,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                     "best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_state,
                     "best_metrics": best_metrics, "history": history, "stopped": stopped,
-                    "rng": torch.get_rng_state()})
+                    "rng": torch.get_rng_state(), "scaler": amp.scaler.state_dict() if amp.scaler else {}})
             if rank == 0:
                 log.info("epoch %d/%d done: train_loss %.4f val_%s %.4f%s", epoch + 1, cfg.max_epochs,
                          record["train_loss"], watch, metrics[watch],

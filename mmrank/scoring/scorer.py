@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 
-from mmrank.encoders.device import set_threads, task_threads
+from mmrank.encoders.device import resolve_device, set_threads, task_threads
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 
 
@@ -34,7 +34,7 @@ SCORED_SCHEMA = ("query_id string, product_id string, score float, contrib_text 
 # ---------------------------------------------------------------------------------------------------------
 # model loading (once per worker process)
 # ---------------------------------------------------------------------------------------------------------
-_MODEL_CACHE: dict[tuple[str, str, bool], tuple[Any, dict]] = {}
+_MODEL_CACHE: dict[tuple[str, str, bool, str], tuple[Any, dict]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -71,23 +71,22 @@ def resolve_version(artifacts_dir: str, version: str | None = None) -> str:
 def load_scorer(artifacts_dir: str, version: str, quantize: bool = False) -> tuple[Any, dict]:
     """(model, meta) in eval mode, cached per process: each Spark worker loads an artifact once.
 
-    Quantized models run on CPU; fp32 models use CUDA when visible.
+    Quantized models run on CPU; fp32 models on the GPU Spark assigned to the task (`resolve_device`) when
+    one is visible, cached per device too (a reused worker can serve tasks on different GPUs).
     """
-    key = (str(artifacts_dir), str(version), bool(quantize))
+    import torch
+
+    device = torch.device("cpu") if quantize else resolve_device("auto")
+    key = (str(artifacts_dir), str(version), bool(quantize), str(device))
     with _CACHE_LOCK:
         hit = _MODEL_CACHE.get(key)
         if hit is not None:
             return hit
-        import torch
-
         from mmrank.ranker.artifact import load_artifact
 
         model, meta = load_artifact(str(artifacts_dir), version)
         model = model.eval()
-        if quantize:
-            model = quantize_model(model)
-        elif torch.cuda.is_available():
-            model = model.cuda()
+        model = quantize_model(model) if quantize else model.to(device)
         _MODEL_CACHE[key] = (model, meta)
         return model, meta
 

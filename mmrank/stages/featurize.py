@@ -27,7 +27,7 @@ from pyspark.sql import functions as F
 
 from mmrank.config import FeaturesConf
 from mmrank.encoders.device import set_threads, task_threads
-from mmrank.encoders.registry import get_encoder
+from mmrank.encoders.registry import encoder_identity, get_encoder
 from mmrank.lakehouse import Lakehouse, sql_date
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 from mmrank.runs import StageRun
@@ -148,7 +148,7 @@ def _merge_features(lh: Lakehouse, source: str, encoded: DataFrame, cands: DataF
 def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     """Embed what changed since the last run; returns counts (encoded / unchanged per source and modality)."""
     cfg = lh.cfg.features
-    encoders = {m: get_encoder(m, cfg) for m in PRODUCT_MODALITIES}
+    encoders = {m: encoder_identity(m, cfg) for m in PRODUCT_MODALITIES}  # no model, no device on the driver
     versions = {m: e.version for m, e in encoders.items()}
     rec.model_version = ";".join(f"{m}={v}" for m, v in versions.items())
     rec.counts.update({f"{k}_{s}_{m}": 0 for k in ("attempted", "unchanged", "encoded")
