@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUN_DATE ?= $(shell date -u +%F)
 
-.PHONY: setup nightly test test-fast bench clean-lakehouse
+.PHONY: setup nightly test test-fast bench clean-lakehouse cluster-start cluster-stop package
 
 setup:
 	@bash scripts/setup.sh
@@ -21,3 +21,12 @@ bench: setup
 
 clean-lakehouse:
 	rm -rf lakehouse
+
+cluster-start: setup  ## a local Spark standalone cluster (master + 2 workers on 127.0.0.1); see README "Running on a cluster"
+	bash scripts/cluster.sh start
+
+cluster-stop:
+	bash scripts/cluster.sh stop
+
+package: setup  ## dist/: the code zip (--py-files) and the wheel (Databricks)
+	bash scripts/package.sh code && bash scripts/package.sh wheel

@@ -1,5 +1,5 @@
-"""Ingest a source into products, queries, query_log and judgments: the generated sample, the fashion catalog
-or your own catalog + judgments files (see docs/data.md for the formats)."""
+"""Ingest a source into products, queries, query_log and judgments: the generated sample, the fashion catalog,
+your own catalog + judgments files, or upstream Delta tables (see docs/data.md); default: ingest.source."""
 import sys
 from pathlib import Path
 
@@ -11,7 +11,8 @@ from mmrank.stages import ingest  # noqa: E402
 
 def parser():
     p = job_parser(__doc__)
-    p.add_argument("--source", choices=("sample", "fashion", "byo"), default="sample")
+    p.add_argument("--source", choices=tuple(ingest.SOURCES), default=None,
+                   help="default: ingest.source from the config (delta: the ingest.delta tables)")
     p.add_argument("--catalog", help="byo: catalog CSV/Parquet (product_id, title, ...)")
     p.add_argument("--judgments", help="byo: judgments CSV/Parquet (query_id or query, product_id, grade)")
     p.add_argument("--name", help="byo: source name (default: catalog file name)")
@@ -27,7 +28,7 @@ def main(lh, args):
         kw = {"catalog": args.catalog, "judgments": args.judgments, "name": args.name}
     elif args.source == "fashion":
         kw = {"limit": args.limit}
-    return ingest.run(lh, args.run_date, source=args.source, **kw)
+    return ingest.run(lh, args.run_date, source=args.source, **kw)  # None: the configured source
 
 
 if __name__ == "__main__":

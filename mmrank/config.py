@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
                       model_validator)
 
 from mmrank.modalities import PRODUCT_MODALITIES
+if TYPE_CHECKING:
+    from mmrank.storage import PathLike
 from mmrank.registry import BACKENDS, CANDIDATE_SOURCES, ENCODERS, FUSIONS, LOADERS, LOSSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +34,9 @@ class _Section(BaseModel):
 
 
 _ALLOWED_SCHEMES = ("file://", "dbfs:/", "s3://", "s3a://", "abfss://", "gs://")
-_PATH_FIELDS = {"root", "raw_dir", "artifacts_dir", "reports_dir", "work_dir", "path", "weights_path"}
+_PATH_FIELDS = {"root", "raw_dir", "artifacts_dir", "reports_dir", "work_dir", "path", "weights_path",
+                "catalog_file", "judgments_file", "media_base"}
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,2}$")
 
 
 def check_path(value: str | None) -> str | None:
@@ -60,7 +65,8 @@ class _PathChecked(_Section):
 
 
 class SparkConf(_Section):
-    """How to obtain a SparkSession. On a cluster the active session is used and nothing is added."""
+    """How to obtain a SparkSession. These only fill in what is unset: settings given to spark-submit (or
+    spark-defaults.conf) and an already running session (Databricks) always win, `master` included."""
 
     master: str = "local[2]"
     app_name: str = "mmrank"
@@ -83,6 +89,9 @@ class StorageConf(_PathChecked):
     reports_dir: str = "lakehouse/_reports"
     work_dir: str = "lakehouse/_work"
     commit_retries: int = Field(3, ge=0, le=20, description="retries of a Delta commit lost to a concurrent writer")
+    fs_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="fsspec options per protocol for artifacts, checkpoints, caches and "
+        "reports, e.g. {s3: {endpoint_url: ...}}; credentials belong in the environment (AWS_*, ...)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
@@ -115,7 +124,79 @@ class GeneratorConf(_Section):
     position_bias_eta: float = Field(1.0, ge=0, description="examination prob = (1/position)^eta")
 
 
+class UpstreamTable(_PathChecked):
+    """An upstream Delta table: `table` is a path / URI or a metastore name (`[catalog.]schema.table`);
+    `columns` maps mmrank's column names to the names upstream uses (only the ones that differ)."""
+
+    table: str
+    columns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("table")
+    @classmethod
+    def _path_or_name(cls, v: str) -> str:
+        if "/" in v or ":" in v:
+            return check_path(v) or v
+        if not _IDENT.match(v):
+            raise ValueError("must be a path, a URI or a metastore name like catalog.schema.table")
+        return v
+
+    @field_validator("columns")
+    @classmethod
+    def _plain_names(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = {k: c for k, c in v.items() if not c.strip() or "`" in c or any(ord(x) < 32 for x in c)}
+        if bad:
+            raise ValueError(f"column names must be non-empty, without backticks or control characters: {bad}")
+        return v
+
+
+# mmrank's column names per upstream table (`ingest.delta.<table>.columns` maps them to upstream names)
+UPSTREAM_COLUMNS: dict[str, tuple[str, ...]] = {
+    "catalog": ("product_id", "title", "description", "brand", "category", "attributes", "image_path",
+                "audio_path"),
+    "events": ("event_id", "session_id", "query_id", "product_id", "position", "clicked", "added_to_cart",
+               "purchased", "event_ts", "query_text", "kind"),
+    "queries": ("query_id", "kind", "query_text", "audio_path"),
+    "judgments": ("query_id", "product_id", "grade"),
+}
+
+
+class DeltaSourceConf(_PathChecked):
+    """`ingest.source: delta`: the upstream catalog, query-log (events) and optional queries and judgments
+    tables (see mmrank/data/delta_source.py for the columns each needs)."""
+
+    catalog: UpstreamTable | None = None
+    events: UpstreamTable | None = None
+    queries: UpstreamTable | None = None
+    judgments: UpstreamTable | None = None
+    log_days: int = Field(3, ge=1, description="days of events up to the run_date re-read every night; each "
+                          "day present replaces that day of query_log")
+    media_base: str | None = Field(None, description="folder that relative image/audio paths are relative to")
+
+    @model_validator(mode="after")
+    def _known_columns(self) -> "DeltaSourceConf":
+        for name, known in UPSTREAM_COLUMNS.items():
+            t = getattr(self, name)
+            unknown = sorted(set(t.columns) - set(known)) if t is not None else []
+            if unknown:
+                raise ValueError(f"ingest.delta.{name}.columns: unknown mmrank column(s) {unknown}; "
+                                 f"known: {', '.join(known)}")
+        return self
+
+
+class ByoSourceConf(_PathChecked):
+    """`ingest.source: byo`: a catalog file and an optional judgments file (see docs/data.md)."""
+
+    catalog_file: str | None = None
+    judgments_file: str | None = None
+    name: str | None = None
+
+
 class IngestConf(_Section):
+    source: Literal["sample", "fashion", "byo", "delta"] = Field(
+        "sample", description="what the nightly ingests: the generated sample, the fashion catalog, your own "
+        "files (ingest.byo) or upstream Delta tables (ingest.delta)")
+    byo: ByoSourceConf = ByoSourceConf()
+    delta: DeltaSourceConf = DeltaSourceConf()
     max_text_chars: int = Field(20_000, ge=100, description="longer text is quarantined, not truncated")
     max_file_bytes: int = Field(20_000_000, ge=1)
     max_listed_files: int = Field(5000, ge=1, description="up to this many referenced media files are read "
@@ -123,6 +204,14 @@ class IngestConf(_Section):
     fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
     fashion_n_queries: int = Field(500, ge=1, description="queries derived by the fashion protocol")
     fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
+
+    @model_validator(mode="after")
+    def _source_configured(self) -> "IngestConf":
+        if self.source == "delta" and (self.delta.catalog is None or self.delta.events is None):
+            raise ValueError("ingest.source = delta needs ingest.delta.catalog and ingest.delta.events")
+        if self.source == "byo" and not self.byo.catalog_file:
+            raise ValueError("ingest.source = byo needs ingest.byo.catalog_file")
+        return self
 
 
 class LabelsConf(_Section):
@@ -336,10 +425,15 @@ class MMRankConfig(_Section):
         blob = json.dumps(self.model_dump(mode="json", by_alias=True), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
-    def resolve_path(self, p: str) -> Path:
-        """Relative local paths in config are relative to the repository root."""
+    def resolve_path(self, p: str) -> "PathLike":
+        """A storage location: URIs stay URIs (`StoragePath`, exactly as configured); relative local paths
+        are relative to the repository root (`pathlib.Path`)."""
+        from mmrank.storage import is_uri, location
+
+        if is_uri(p):
+            return location(p)
         path = Path(p).expanduser()
-        return path if path.is_absolute() or "://" in p else REPO_ROOT / path
+        return path if path.is_absolute() else REPO_ROOT / path
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 
 from mmrank.config import MMRankConfig
 from mmrank.paths import StoragePaths
+from mmrank.storage import hadoop_uri
 from mmrank.tables import TableSpec, spec
 
 
@@ -61,7 +62,7 @@ class Lakehouse:
         """Folder of a path-based table (local), or the metastore identifier (cluster)."""
         spec(name)
         if self.root is not None:
-            return str(self.root / name)
+            return hadoop_uri(self.root / name)  # URIs stay URIs (mmrank.storage); file:/// as file:/
         return f"{self._prefix}.{name}"
 
     def ident(self, name: str) -> str:

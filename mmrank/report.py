@@ -11,6 +11,7 @@ set-up for all of them.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 from pathlib import Path
@@ -41,7 +42,9 @@ def plt():
 
 def save(fig, path: Path, dpi: int = 100) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    buf = io.BytesIO()  # written in one call through the path (a local Path or mmrank.storage.StoragePath)
+    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    path.write_bytes(buf.getvalue())
     plt().close(fig)
 
 

@@ -1,4 +1,7 @@
-"""SparkSession factory: local Spark with Delta Lake by default; on a cluster, the active session untouched."""
+"""SparkSession factory. mmrank only fills in what is unset: an active session (Databricks, a notebook) is used
+untouched, and under spark-submit every setting spark-submit was given (`--master`, `--conf`, its properties
+file) wins over `cfg.spark`; locally a `local[2]` session with Delta Lake is built from `cfg.spark`.
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +11,7 @@ from pyspark.sql import SparkSession
 
 from mmrank.config import MMRankConfig
 from mmrank.paths import StoragePaths
+from mmrank.storage import executor_env
 
 _DELTA_CONF = {
     "spark.sql.extensions": "io.delta.sql.DeltaSparkSessionExtension",
@@ -36,8 +40,52 @@ def _check_delta_loaded(spark: SparkSession) -> None:
             f"--packages {delta_maven_coordinate()} (scripts/submit.sh does this).") from None
 
 
+def given_settings() -> dict[str, str]:
+    """The settings spark-submit already decided (its `--master`, `--conf`, properties file): the SparkConf of
+    the JVM it started. Empty when Python started first (no spark-submit)."""
+    if not _under_spark_submit():
+        return {}
+    from pyspark import SparkConf, SparkContext
+
+    SparkContext._ensure_initialized()  # connects to spark-submit's JVM (PYSPARK_GATEWAY_PORT)
+    return dict(SparkConf(loadDefaults=True).getAll())
+
+
+def wanted_settings(cfg: MMRankConfig, given: dict[str, str]) -> dict[str, str]:
+    """What `cfg` asks for (master, app name, partitions, Delta, quiet logs, ...), plus what executors need
+    that only the driver knows: the shipped `--py-files` on their PYTHONPATH (so processes that tasks start,
+    e.g. torchrun and Horovod ranks, import the shipped package) and the file-system options."""
+    sc = cfg.spark
+    out = {
+        "spark.master": sc.master,
+        "spark.app.name": sc.app_name,
+        "spark.sql.shuffle.partitions": str(sc.shuffle_partitions),
+        "spark.default.parallelism": str(sc.shuffle_partitions),
+        "spark.driver.memory": sc.driver_memory,
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_size),
+        "spark.sql.session.timeZone": "UTC",
+        "spark.ui.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.sql.warehouse.dir": str(StoragePaths(cfg).warehouse),
+        "spark.driver.extraJavaOptions": "-Dlog4j2.level=ERROR -Dderby.system.home=/tmp/derby",
+        **_DELTA_CONF,
+        **sc.extra,
+    }
+    if given.get("spark.master", sc.master).startswith("local"):  # one machine: nothing listens beyond loopback
+        out.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
+    shipped = [os.path.basename(p) for p in given.get("spark.submit.pyFiles", "").split(",") if p]
+    if shipped:  # executors fetch --py-files into their working directory, where their tasks run
+        out["spark.executorEnv.PYTHONPATH"] = os.pathsep.join(shipped)
+    for k, v in executor_env(cfg.storage.fs_options).items():
+        out[f"spark.executorEnv.{k}"] = v
+    return out
+
+
 def get_spark(cfg: MMRankConfig) -> SparkSession:
-    """Return the active session on a cluster (Databricks), else build a local one with Delta.
+    """The active session if there is one (Databricks, notebooks), else a session that fills in only the
+    settings nobody gave: under spark-submit, `cfg.spark` never overrides its `--master` or `--conf`.
 
     Local sessions get Delta from Maven Central via `configure_spark_with_delta_pip` (cached in ~/.ivy2),
     Arrow-backed pandas UDFs, quiet logs and a workers' Python equal to the driver's.
@@ -51,27 +99,14 @@ def get_spark(cfg: MMRankConfig) -> SparkSession:
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    sc = cfg.spark
-    builder = (
-        SparkSession.builder.master(sc.master)
-        .appName(sc.app_name)
-        .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
-        .config("spark.default.parallelism", str(sc.shuffle_partitions))
-        .config("spark.driver.memory", sc.driver_memory)
-        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-        .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(sc.arrow_batch_size))
-        .config("spark.sql.session.timeZone", "UTC")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.databricks.delta.schema.autoMerge.enabled", "false")
-        .config("spark.sql.warehouse.dir", str(StoragePaths(cfg).warehouse))
-        .config("spark.driver.extraJavaOptions", "-Dlog4j2.level=ERROR -Dderby.system.home=/tmp/derby")
-    )
-    for k, v in {**_DELTA_CONF, **sc.extra}.items():
-        builder = builder.config(k, v)
+    given = given_settings()
+    builder = SparkSession.builder
+    for k, v in wanted_settings(cfg, given).items():
+        if k not in given:
+            builder = builder.config(k, v)
     if not _under_spark_submit():
         builder = configure_spark_with_delta_pip(builder)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(sc.log_level)
+    spark.sparkContext.setLogLevel(cfg.spark.log_level)
     _check_delta_loaded(spark)
     return spark

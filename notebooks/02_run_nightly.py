@@ -10,6 +10,20 @@
 
 # COMMAND ----------
 
+# MAGIC %md
+# MAGIC Install mmrank on the cluster for this notebook: the project root (`..`, where the bundle syncs
+# MAGIC `pyproject.toml`); a job task gets the wheel from the bundle instead.
+
+# COMMAND ----------
+
+# MAGIC %pip install --quiet ..
+
+# COMMAND ----------
+
+# MAGIC %restart_python
+
+# COMMAND ----------
+
 # Parameters: Databricks widgets; locally (no dbutils) the defaults, or MMRANK_* environment variables.
 from mmrank.interactive import NotebookParams
 

@@ -13,13 +13,13 @@ import datetime as dt
 import os
 from dataclasses import dataclass, field
 from functools import reduce
-from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mmrank.data import validate as V
 from mmrank.lakehouse import Lakehouse, sql_date
+from mmrank.storage import spark_uri
 
 
 PRODUCT_RAW = ("product_id string, title string, description string, brand string, category string, "
@@ -85,7 +85,7 @@ def read_table_file(spark: SparkSession, path: str) -> DataFrame:
 
 def to_uri(path: Column, base: str) -> Column:
     """Absolute URI of a file reference: kept if it has a scheme, `file:` + path if absolute, else under base."""
-    base_uri = "file:" + str(Path(base).resolve())  # the form binaryFile reports (no percent-encoding)
+    base_uri = spark_uri(base)  # the form binaryFile reports (`file:/abs`, no percent-encoding; URIs kept)
     p = F.trim(path)
     return (F.when(V.blank(p), F.lit(None).cast("string"))
             .when(p.rlike(r"^[A-Za-z][A-Za-z0-9+.-]*:"), p)

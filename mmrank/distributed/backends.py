@@ -1,13 +1,18 @@
 """Training backends behind one call: `train_with_backend(lh, train_cfg, dims, ...) -> TrainOutcome`.
 
 - `local`: one process, the driver (rank 0 of 1).
-- `horovod`: `horovod.spark.run` starts `num_proc` Spark tasks (gloo on CPU; NCCL when Horovod was built with
-  it and GPUs are visible); `hvd.DistributedOptimizer` averages gradients, `hvd.allreduce` sums metrics.
-  Each rank trains on the GPU Spark gave its task (`horovod.spark.task.get_available_devices()`).
-- `torch_distributor`: `pyspark.ml.torch.distributor.TorchDistributor(local_mode=True)` runs `num_proc`
-  torchrun processes; DistributedDataParallel (gloo on CPU; on GPU a `cpu:gloo,cuda:nccl` group, so CUDA
-  tensors go over NCCL and CPU ones over gloo), `all_reduce` sums metrics. Rank r uses cuda:LOCAL_RANK among
-  the GPUs TorchDistributor made visible (Spark's assignment).
+- `horovod`: `horovod.spark.run` starts `num_proc` Spark tasks, on the cluster's executors when there is one
+  (gloo on CPU; NCCL when Horovod was built with it and GPUs are visible); `hvd.DistributedOptimizer` averages
+  gradients, `hvd.allreduce` sums metrics. Each rank trains on the GPU Spark gave its task
+  (`horovod.spark.task.get_available_devices()`).
+- `torch_distributor`: `pyspark.ml.torch.distributor.TorchDistributor` runs `num_proc` torchrun processes:
+  on a cluster (`local_mode=False`) as barrier tasks on the executors, under a `local[...]` master on the
+  driver (`local_mode=True`); DistributedDataParallel (gloo on CPU; on GPU a `cpu:gloo,cuda:nccl` group, so
+  CUDA tensors go over NCCL and CPU ones over gloo), `all_reduce` sums metrics. Rank r uses cuda:LOCAL_RANK
+  among the GPUs TorchDistributor made visible (Spark's assignment).
+On a cluster the ranks read the training data, and rank 0 writes its checkpoints, through shared storage
+(`storage.work_dir`: the petastorm cache, the checkpoints), and import the package the job shipped
+(`--py-files`; `mmrank.spark` puts it on the executors' PYTHONPATH for the processes tasks start).
 
 Every backend runs the same `run_worker` on each rank: same initial weights (seeded and broadcast), same
 per-rank loaders (`mmrank.distributed.loaders`), same `mmrank.ranker.fit.fit`. What crosses process
@@ -158,19 +163,47 @@ def _launch_local(job: WorkerJob, num_proc: int) -> WorkerResult:
     return run_worker(job, 0, 1)
 
 
+def _spark_context():
+    from pyspark import SparkContext
+
+    sc = SparkContext._active_spark_context  # noqa: SLF001 - the session the stage runs in
+    if sc is None:
+        raise RuntimeError("distributed training needs an active SparkSession (mmrank.spark.get_spark)")
+    return sc
+
+
+def on_cluster() -> bool:
+    """True when the active session's master is a cluster (standalone, YARN, Kubernetes), not `local[...]`."""
+    return not _spark_context().master.startswith("local")
+
+
+def executors_have_gpus() -> bool:
+    """On a cluster: whether tasks are given GPUs (`spark.task.resource.gpu.amount`); the driver's own GPUs
+    (a CPU driver with GPU workers has none) say nothing. Locally: whether this machine has one."""
+    if not on_cluster():
+        return torch.cuda.is_available()
+    return float(_spark_context().getConf().get("spark.task.resource.gpu.amount", "0") or 0) > 0
+
+
 @BACKENDS.register("horovod")
 def _launch_horovod(job: WorkerJob, num_proc: int) -> WorkerResult:
+    """`num_proc` Horovod ranks as Spark tasks (the executors' own environment and Python)."""
     import horovod.spark
 
-    results = horovod.spark.run(horovod_worker, args=(job,), num_proc=num_proc, use_gloo=True, verbose=0)
+    python = _spark_context().pythonExec or os.environ.get("PYSPARK_PYTHON")
+    results = horovod.spark.run(horovod_worker, args=(job,), num_proc=num_proc, use_gloo=True, verbose=0,
+                                executable=python)
     return results[0]
 
 
 @BACKENDS.register("torch_distributor")
 def _launch_torch_distributor(job: WorkerJob, num_proc: int) -> WorkerResult:
+    """torchrun ranks as barrier tasks on the executors (cluster) or driver processes (`local[...]`)."""
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    dist = TorchDistributor(num_processes=num_proc, local_mode=True, use_gpu=torch.cuda.is_available())
+    local = not on_cluster()
+    log.info("TorchDistributor: %d process(es), local_mode=%s", num_proc, local)
+    dist = TorchDistributor(num_processes=num_proc, local_mode=local, use_gpu=executors_have_gpus())
     return dist.run(torch_distributor_worker, job)
 
 

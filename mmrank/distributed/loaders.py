@@ -4,12 +4,13 @@ The driver prepares a picklable `LoaderSpec` per split (`prepare_specs`); every 
 `make_loader(spec, rank, world_size)` and calls `epoch_batches(epoch)`. Two interchangeable data paths:
 
 - `petastorm`: the split's DataFrame is materialised once by `petastorm.spark.make_spark_converter` into the
-  cache dir `lh.paths.petastorm_cache()` (a `file://` URL in `petastorm.spark.converter.parentCacheDirUrl`);
+  cache dir `lh.paths.petastorm_cache_url()` (`petastorm.spark.converter.parentCacheDirUrl`: a `file://` URL
+  or an object-store URI; on a cluster it must be shared storage every executor reads);
   rank r reads shard r (`cur_shard=r, shard_count=world_size`) with `make_torch_dataloader(num_epochs=1)`.
   The cache is deleted (`converter.delete()`) when `prepare_specs` exits, also on failure.
 - `parquet`: no petastorm. The driver resolves the Delta snapshot's current Parquet files
   (`DataFrame.inputFiles()`) and the split's row count per file; rank r reads its contiguous slice of the
-  split's rows directly with pyarrow. Refuses tables whose files hold rows the snapshot does not
+  split's rows directly with pyarrow, through the file-system layer (`mmrank.storage`: local or object store). Refuses tables whose files hold rows the snapshot does not
   (deletion vectors), detected by a row-count check.
 
 A rank's shard is read once and kept in memory (rows/world_size lists). Each epoch it is ordered by a stable
@@ -24,7 +25,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Protocol
-from urllib.parse import urlparse
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -134,9 +135,15 @@ class PetastormLoader(_ShardLoader):
         return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _local_path(uri: str) -> str:
-    u = urlparse(uri)
-    return u.path if u.scheme in ("", "file") else uri
+def _read_parquet(uri: str, columns: list[str]):
+    """One Parquet file of the Delta snapshot, local or on an object store (`mmrank.storage.filesystem`)."""
+    import pyarrow.parquet as pq
+
+    from mmrank.storage import filesystem
+
+    fs, path = filesystem(unquote(uri))
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
 
 
 @LOADERS.register("parquet")
@@ -145,7 +152,6 @@ class ParquetLoader(_ShardLoader):
 
     def read_shard(self) -> dict[str, np.ndarray]:
         import pyarrow.compute as pc
-        import pyarrow.parquet as pq
 
         s = self.spec
         lo, hi = shard_bounds(s.num_rows, self.rank, self.world_size)
@@ -155,7 +161,7 @@ class ParquetLoader(_ShardLoader):
             a, b = max(lo - start, 0), min(hi - start, count)
             if a >= b:
                 continue
-            t = pq.read_table(_local_path(path), columns=["query_id", "split", *ARRAY_COLS])
+            t = _read_parquet(path, ["query_id", "split", *ARRAY_COLS])
             t = t.filter(pc.equal(t["split"], s.split)).slice(a, b - a)
             cols[KEY_COL].extend(t["query_id"].to_pylist())
             for c in ARRAY_COLS:
@@ -181,14 +187,13 @@ def make_loader(spec: LoaderSpec, rank: int = 0, world_size: int = 1) -> ListLoa
 def _parquet_layout(lh: Lakehouse, splits: Iterable[str]) -> tuple[tuple[str, ...], dict[str, tuple[int, ...]]]:
     """Current snapshot files of `training_lists` and each split's row count per file (driver)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     df = lh.read("training_lists")
     files = tuple(sorted(df.inputFiles()))
     per_split: dict[str, list[int]] = {s: [] for s in splits}
     total = 0
     for f in files:
-        col = pq.read_table(_local_path(f), columns=["split"])["split"]
+        col = _read_parquet(f, ["split"])["split"]
         total += len(col)
         for s in per_split:
             per_split[s].append(int(pc.sum(pc.equal(col, s)).as_py() or 0))
@@ -203,8 +208,7 @@ def _petastorm_converter(lh: Lakehouse, split: str, dims: ModalityDims, list_siz
     from petastorm.spark import SparkDatasetConverter, make_spark_converter
     from pyspark.sql import functions as F
 
-    cache = lh.paths.petastorm_cache()
-    lh.spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, cache.resolve().as_uri())
+    lh.spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, lh.paths.petastorm_cache_url())
     sizes = {"grades": list_size, "q_text": dims.text, "q_audio": dims.audio, "q_mask": 2,
              "p_text": list_size * dims.text, "p_image": list_size * dims.image,
              "p_audio": list_size * dims.audio, "p_mask": list_size * 3}

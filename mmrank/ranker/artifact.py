@@ -1,8 +1,12 @@
 """Model artifacts: `artifacts_dir/models/<version>/{weights.safetensors, model.json}` plus `models/LATEST`.
 
-Weights are safetensors only: loading never unpickles anything. A version is written to a temporary folder
-and renamed into place, and `LATEST` is replaced atomically, so readers never see a half-written model.
-Version = `fusion-<yyyymmdd>-<first 8 hex of sha256 of the weights file>`.
+Weights are safetensors only: loading never unpickles anything. `artifacts_dir` is any storage location
+(`mmrank.storage`: a local folder or a `file://`, `s3a://`, `abfss://`, `gs://`, `dbfs:/` URI). Writes are
+safe on object stores, where rename is not atomic: the version folder's weights are written first, then its
+`model.json` (the marker that the version is complete), then the `LATEST` pointer, each one single-object
+write. Readers only see versions whose `model.json` exists and follow `LATEST`, so they never see a
+half-written model; a save interrupted before `model.json` leaves files that nothing reads and a re-save
+overwrites. Version = `fusion-<yyyymmdd>-<first 8 hex of sha256 of the weights file>`.
 """
 from __future__ import annotations
 
@@ -10,17 +14,15 @@ import datetime as dt
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes, save as save_bytes
 
 from mmrank.config import TrainConf
 from mmrank.modalities import ModalityDims
 from mmrank.ranker.model import FusionRanker
+from mmrank.storage import PathLike, location, write_atomic
 
 WEIGHTS_FILE = "weights.safetensors"
 META_FILE = "model.json"
@@ -37,8 +39,8 @@ class ArtifactError(RuntimeError):
     """A model artifact is missing, incomplete or not in the safetensors format."""
 
 
-def _models_dir(artifacts_dir: str | Path) -> Path:
-    return Path(artifacts_dir) / "models"
+def _models_dir(artifacts_dir: str | os.PathLike) -> PathLike:
+    return location(artifacts_dir) / "models"
 
 
 def _renamed(state: dict[str, Any], prefixes: dict[str, str]) -> dict[str, Any]:
@@ -47,13 +49,7 @@ def _renamed(state: dict[str, Any], prefixes: dict[str, str]) -> dict[str, Any]:
             for k, v in state.items()}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_artifact(model: FusionRanker, meta: dict[str, Any], artifacts_dir: str | Path,
+def save_artifact(model: FusionRanker, meta: dict[str, Any], artifacts_dir: str | os.PathLike,
                   now: dt.datetime | None = None) -> str:
     """Write `model` + `meta` (JSON-serialisable: encoder versions, metrics, ...) as a new version and point
     LATEST at it; returns the version. `model.json` = meta plus `version, created_at, dims, train, format`
@@ -63,31 +59,24 @@ def save_artifact(model: FusionRanker, meta: dict[str, Any], artifacts_dir: str 
         raise ValueError(f"meta keys {clash} are reserved for the artifact itself")
     now = now or dt.datetime.now(dt.timezone.utc)
     models = _models_dir(artifacts_dir)
-    models.mkdir(parents=True, exist_ok=True)
-    tmp = models / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        state = _renamed({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, _DISK_NAMES)
-        save_file(state, str(tmp / WEIGHTS_FILE))
-        digest = hashlib.sha256((tmp / WEIGHTS_FILE).read_bytes()).hexdigest()[:8]
-        version = f"{VERSION_PREFIX}-{now:%Y%m%d}-{digest}"
+    state = _renamed({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, _DISK_NAMES)
+    weights = save_bytes(state)
+    version = f"{VERSION_PREFIX}-{now:%Y%m%d}-{hashlib.sha256(weights).hexdigest()[:8]}"
+    folder = models / version
+    if not _complete(folder):
         doc = {**meta, "version": version, "created_at": now.isoformat(), "format": FORMAT_VERSION,
-               "dims": model.dims.as_dict(),
-               "train": model.cfg.model_dump(mode="json")}
-        (tmp / META_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
-        final = models / version
-        if final.exists():
-            shutil.rmtree(tmp)
-        else:
-            os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write_text(models / LATEST_FILE, version)
+               "dims": model.dims.as_dict(), "train": model.cfg.model_dump(mode="json")}
+        write_atomic(folder / WEIGHTS_FILE, weights)
+        write_atomic(folder / META_FILE, json.dumps(doc, indent=2, sort_keys=True).encode())  # commits the version
+    write_atomic(models / LATEST_FILE, version.encode())                                      # then the pointer
     return version
 
 
-def latest_version(artifacts_dir: str | Path) -> str:
+def _complete(folder: PathLike) -> bool:
+    return (folder / META_FILE).exists() and (folder / WEIGHTS_FILE).exists()
+
+
+def latest_version(artifacts_dir: str | os.PathLike) -> str:
     """The version LATEST points at; ArtifactError if no model was saved yet."""
     path = _models_dir(artifacts_dir) / LATEST_FILE
     if not path.exists():
@@ -95,32 +84,31 @@ def latest_version(artifacts_dir: str | Path) -> str:
     return path.read_text().strip()
 
 
-def list_versions(artifacts_dir: str | Path) -> list[str]:
+def list_versions(artifacts_dir: str | os.PathLike) -> list[str]:
     """Complete model versions saved under `artifacts_dir`, oldest first (by `created_at` in model.json)."""
     models = _models_dir(artifacts_dir)
     if not models.exists():
         return []
     found = []
     for d in models.iterdir():
-        meta = d / META_FILE
-        if d.is_dir() and not d.name.startswith(".") and meta.exists() and (d / WEIGHTS_FILE).exists():
-            found.append((json.loads(meta.read_text()).get("created_at", ""), d.name))
+        if not d.name.startswith(".") and d.name != LATEST_FILE and _complete(d):
+            found.append((json.loads((d / META_FILE).read_text()).get("created_at", ""), d.name))
     return [v for _, v in sorted(found)]
 
 
-def load_artifact(artifacts_dir: str | Path, version: str | None = None) -> tuple[FusionRanker, dict[str, Any]]:
+def load_artifact(artifacts_dir: str | os.PathLike, version: str | None = None) -> tuple[FusionRanker, dict[str, Any]]:
     """(model in eval mode, the model.json dict) of `version` (default: LATEST). Never unpickles: a weights
     file that is not safetensors raises ArtifactError."""
     version = version or latest_version(artifacts_dir)
     folder = _models_dir(artifacts_dir) / version
-    if not (folder / META_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
+    if not _complete(folder):
         raise ArtifactError(f"model version {version!r} not found or incomplete in {folder}")
     meta = json.loads((folder / META_FILE).read_text())
     # artifacts written before `match_features` existed were trained without them
     train_cfg = TrainConf.model_validate({"match_features": False, **meta["train"]})
     model = FusionRanker(ModalityDims(**meta["dims"]), train_cfg)
     try:
-        state = load_file(str(folder / WEIGHTS_FILE))
+        state = load_bytes((folder / WEIGHTS_FILE).read_bytes())
     except (SafetensorError, OSError, ValueError) as err:
         raise ArtifactError(f"{folder / WEIGHTS_FILE} is not a valid safetensors file ({err}); "
                             "refusing to load it any other way") from None

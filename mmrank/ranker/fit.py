@@ -12,6 +12,7 @@ continues exactly as the uninterrupted one (data callables must themselves depen
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import os
@@ -158,18 +159,31 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Atomic write of a dict of tensors / plain values (loadable with weights_only=True)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def _save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """One-object write (`mmrank.storage.write_atomic`, safe on object stores) of a dict of tensors / plain
+    values, loadable with weights_only=True; `path` may be a local path or a storage URI."""
+    from mmrank.storage import write_atomic
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(path, buf.getvalue())
 
 
-def load_checkpoint(checkpoint_dir: str | Path) -> dict | None:
-    """The last checkpoint written by `fit` in `checkpoint_dir` (never unpickles code), or None."""
-    path = Path(checkpoint_dir) / CHECKPOINT_FILE
-    return torch.load(path, weights_only=True, map_location="cpu") if path.exists() else None
+def _checkpoint_file(checkpoint_dir: str | os.PathLike) -> str:
+    from mmrank.storage import join
+
+    return join(checkpoint_dir, CHECKPOINT_FILE)
+
+
+def load_checkpoint(checkpoint_dir: str | os.PathLike) -> dict | None:
+    """The last checkpoint written by `fit` in `checkpoint_dir` (a local path or storage URI; never
+    unpickles code), or None."""
+    from mmrank.storage import location
+
+    path = location(checkpoint_dir) / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    return torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
 
 
 def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, *,
@@ -195,7 +209,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if wrap_optimizer is not None:
         opt = wrap_optimizer(opt)
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir else None
+    ckpt_path = _checkpoint_file(checkpoint_dir) if checkpoint_dir else None
 
     watch = cfg.early_stopping_metric
     start, best, best_epoch, bad, history = 0, float("nan"), -1, 0, []

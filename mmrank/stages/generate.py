@@ -1,7 +1,8 @@
 """Stage `generate` (embedded default only): write the deterministic sample landing zone for the run_date.
 
-Seeded by `generator.seed` and the date, so regenerating gives identical files. On a cluster (`env` other than
-`local`) the landing zone is fed by upstream systems and the nightly skips this stage (`skip_reason`).
+Seeded by `generator.seed` and the date, so regenerating gives identical files. The nightly runs it only for
+the embedded default: `env: local` with `ingest.source: sample`. On a cluster (`env` other than `local`), or
+when the nightly ingests another source (`ingest.source`), it skips this stage (`skip_reason`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from mmrank.stages import stage
 
 def skip_reason(cfg: MMRankConfig) -> str | None:
     """Why the nightly skips this stage under `cfg`, or None when it runs."""
-    return None if cfg.env == "local" else f"env={cfg.env}: the landing zone is fed upstream"
+    if cfg.env != "local":
+        return f"env={cfg.env}: the landing zone is fed upstream"
+    if cfg.ingest.source != "sample":
+        return f"ingest.source={cfg.ingest.source}: the sample is not ingested"
+    return None
 
 
 @stage("generate")

@@ -17,8 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import shutil
-from pathlib import Path
 
 from pyspark.sql import functions as F
 
@@ -30,6 +28,7 @@ from mmrank.ranker.fit import CHECKPOINT_FILE
 from mmrank.runs import StageRun
 from mmrank.stages import stage
 from mmrank.stages.training_lists import list_dims
+from mmrank.storage import remove_tree
 
 log = logging.getLogger("mmrank")
 
@@ -60,7 +59,7 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
     backend = backend or train.backend
     dims = list_dims(lh)
     lists_version = lh.version("training_lists")
-    ckpt: Path = lh.paths.checkpoints(run_key(run_date, train, backend, lists_version))
+    ckpt = lh.paths.checkpoints(run_key(run_date, train, backend, lists_version))
     resume = (ckpt / CHECKPOINT_FILE).exists()
     if resume:
         log.info("resuming from checkpoint in %s", ckpt)
@@ -75,7 +74,7 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
     version = save_artifact(out.model, meta, lh.paths.artifacts)
     log.info("train %s: saved model artifact %s (best epoch %d of %d)", run_date, version, out.fit.best_epoch + 1,
              out.fit.epochs_run)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    remove_tree(ckpt)
     return out, version
 
 
