@@ -96,9 +96,11 @@ def _upstream_tables(spark, root) -> dict[str, str]:
                       carted=False, purchased=False, ts=dt.datetime(2026, 11, 21, 11), search_text="gloves"))
     judgments = [Row(search_id="q0", sku="p0", grade=3), Row(search_id="q1", sku="p1", grade=2)]
     paths = {}
-    for name, rows in (("products", products), ("events", events), ("judgments", judgments)):
+    product_schema = "sku string, name string, description string, brand string, category string, image_uri string"
+    for name, rows, schema in (("products", products, product_schema), ("events", events, None),
+                               ("judgments", judgments, None)):
         paths[name] = str(root / name)
-        spark.createDataFrame(rows).write.format("delta").save(paths[name])
+        spark.createDataFrame(rows, schema=schema).write.format("delta").save(paths[name])
     return paths
 
 
@@ -116,7 +118,7 @@ def test_databricks_conf_with_local_override_ingests_from_delta(spark, tmp_path)
     assert lh.read("query_log").count() == 12
     assert counts["judgments_landed"] == 2
     bad = lh.read("quarantine").where("stage = 'ingest_delta'").collect()
-    assert [(r["record_id"], r["reason"]) for r in bad] == [("e-bad", "unknown_product_id")]
+    assert [(r["record_id"], r["reason"]) for r in bad] == [("query_log:e-bad", "unknown_product_id")]
     assert {r["query_text"] for r in lh.read("queries").collect()} == {"scarf 0", "scarf 1", "scarf 2", "gloves"}
     assert lh.read("runs").where("stage = 'ingest'").first()["message"] == "source=delta"
 
