@@ -15,7 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
                       model_validator)
 
 from mmrank.modalities import PRODUCT_MODALITIES
-from mmrank.registry import BACKENDS, CANDIDATE_SOURCES, ENCODERS, FUSIONS, LOADERS, LOSSES
+from mmrank.registry import BACKENDS, CANDIDATE_SOURCES, ENCODERS, FUSIONS, HEADS, LOADERS, LOSSES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONF = REPO_ROOT / "conf" / "local.yaml"
@@ -181,6 +181,9 @@ class AudioEncoderConf(_EncoderConf):
     n_mfcc: int = Field(20, ge=2)
     conv_channels: int = Field(64, ge=4, description="width of the 1-D conv encoder over log-mel frames")
     seed: int = Field(0, description="seed of the random-init conv encoder used when weights_path is None")
+    rnn: Literal["lstm", "gru"] = Field("lstm", description="recurrent cell of the `logmel_lstm` encoder")
+    rnn_hidden: int = Field(32, ge=4, description="hidden size per direction of the `logmel_lstm` encoder")
+    rnn_layers: int = Field(1, ge=1, le=4, description="stacked bidirectional layers of `logmel_lstm`")
 
 
 class FeaturesConf(_Section):
@@ -225,6 +228,11 @@ class TrainConf(_Section):
     backend: str = Field("local", description="registered training backend (mmrank.distributed.backends)")
     num_proc: int = Field(2, ge=1)
     fusion: str = Field("gated", description="registered fusion (mmrank.ranker.fusion)")
+    head: str = Field("mlp", description="registered scoring head (mmrank.ranker.heads): mlp | linear | logistic")
+    pca_dim: int | None = Field(None, ge=1, description="PCA components per modality, fitted on the train split "
+                                "and stored with the artifact; None = no PCA")
+    prune_sparsity: float = Field(0.0, ge=0, lt=1, description="magnitude pruning after training: this fraction "
+                                  "of every Linear weight set to 0 (the artifact stores the zeros); 0 = off")
     loss: LossSpec = Field(LossSpec(name="lambdarank"), description="registered loss, with optional args")
     modalities: list[str] = list(PRODUCT_MODALITIES)
     list_size: int = Field(20, ge=2, description="candidates per training list (padded / truncated)")
@@ -264,6 +272,7 @@ class TrainConf(_Section):
 
     _backend = field_validator("backend")(lambda v: BACKENDS.check(v))
     _fusion = field_validator("fusion")(lambda v: FUSIONS.check(v))
+    _head = field_validator("head")(lambda v: HEADS.check(v))
     _loader = field_validator("data_loader")(lambda v: LOADERS.check(v))
 
 
@@ -303,6 +312,38 @@ class EvaluateConf(_Section):
                                  "colsample_bytree": 0.8},
         description="lightgbm.LGBMRanker keyword arguments")
     lgbm_early_stopping: int = Field(30, ge=1, description="rounds without validation NDCG gain")
+    ablation: bool = Field(False, description="also train the fusion x head grid (mmrank.ranker.ablation) and "
+                           "write its table (mean, sd over ablation_seeds) and the compression table")
+    ablation_seeds: list[int] = Field([13, 14], min_length=1, description="model seeds of the ablation grid")
+    ablation_max_epochs: int | None = Field(None, ge=1, description="max_epochs of each ablation model; "
+                                            "None = train.max_epochs")
+
+
+class TrackingConf(_Section):
+    """MLflow runs and model registry (`mmrank.tracking`) and the promotion gate (`stages/promote.py`)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    enabled: bool = Field(True, description="log runs and register models; False = no registry, scoring uses "
+                          "the latest artifact and the promote stage does nothing")
+    tracking_uri: str | None = Field(None, description="None = SQLite under storage.artifacts_dir "
+                                     "(mlflow/mlflow.db); `databricks` = the workspace tracking server")
+    registry_uri: str | None = Field(None, description="None = tracking_uri; `databricks-uc` = Unity Catalog")
+    experiment: str = Field("mmrank", description="experiment name (a workspace path such as /Shared/mmrank "
+                            "on Databricks)")
+    model_name: str = Field("mmrank_ranker", description="registered model (catalog.schema.name in Unity "
+                            "Catalog)")
+    gate_metric: Literal[VALIDATION_METRICS] = Field(  # type: ignore[valid-type]
+        "ndcg@10", description="validation metric the promotion gate compares")
+    gate_tolerance: float = Field(0.01, ge=0, le=1, description="a new model becomes champion unless its "
+                                  "gate_metric is below the champion's by more than this (absolute)")
+
+    @field_validator("tracking_uri", "registry_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(ord(c) < 32 for c in v) or any(c in v for c in ";|&$`<>")):
+            raise ValueError("must be a non-empty URI without control characters or ; | & $ ` < >")
+        return v
 
 
 class MMRankConfig(_Section):
@@ -318,6 +359,7 @@ class MMRankConfig(_Section):
     train: TrainConf = TrainConf()
     score: ScoreConf = ScoreConf()
     evaluate: EvaluateConf = EvaluateConf()
+    tracking: TrackingConf = TrackingConf()
 
     def fingerprint(self) -> str:
         """Stable short hash of the effective configuration (recorded in run metadata)."""

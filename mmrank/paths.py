@@ -1,6 +1,7 @@
 """Every folder mmrank uses besides its tables, derived from the `storage` config in one place.
 
-- `artifacts`: model versions (`ranker.artifact`); `reports(run_date)`: the nightly and evaluation reports;
+- `artifacts`: model versions (`ranker.artifact`); `tracking`: the embedded MLflow store (`mmrank.tracking`);
+  `reports(run_date)`: the nightly and evaluation reports;
 - `work(*parts)`: scratch space (training checkpoints, the petastorm cache), created on demand;
 - `landing`: the raw landing zone (`sample/` is the generated sample's).
 Relative paths in config are relative to the repository root (`MMRankConfig.resolve_path`).
@@ -25,6 +26,11 @@ class StoragePaths:
     @property
     def artifacts(self) -> Path:
         return self._resolve(self.cfg.storage.artifacts_dir)
+
+    @property
+    def tracking(self) -> Path:
+        """The embedded MLflow tracking store and registry (SQLite + run artifacts), when no URI is configured."""
+        return self.artifacts / "mlflow"
 
     def reports(self, run_date: dt.date) -> Path:
         """`<reports_dir>/<run_date>/` (not created)."""

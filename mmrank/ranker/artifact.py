@@ -87,6 +87,11 @@ def save_artifact(model: FusionRanker, meta: dict[str, Any], artifacts_dir: str 
     return version
 
 
+def version_folder(artifacts_dir: str | Path, version: str) -> Path:
+    """The folder holding one saved version (`weights.safetensors`, `model.json`)."""
+    return _models_dir(artifacts_dir) / version
+
+
 def latest_version(artifacts_dir: str | Path) -> str:
     """The version LATEST points at; ArtifactError if no model was saved yet."""
     path = _models_dir(artifacts_dir) / LATEST_FILE
