@@ -125,3 +125,46 @@ def test_tracking_disabled_keeps_the_latest_artifact_behaviour(spark, tmp_path):
     assert promote.run(lh, D1) == {"promoted": 0}
     assert _runs_row(lh, D1, "promote")["message"].startswith("tracking disabled")
     assert tracking.champion_version(lh) is None and not lh.paths.tracking.exists()
+
+
+def _shuffle_train_grades(lh: Lakehouse) -> None:
+    """Permute the grades inside every train-split list of `training_lists` (validation and test untouched)."""
+    df = lh.read("training_lists").toPandas()
+    rng = np.random.default_rng(5)
+    for i in df.index[df["split"] == "train"]:
+        g, n = np.asarray(df.at[i, "grades"], float), int(df.at[i, "list_len"])
+        g[:n] = rng.permutation(g[:n])
+        df.at[i, "grades"] = g.tolist()
+    lh.overwrite("training_lists", lh.spark.createDataFrame(df, lh.read("training_lists").schema))
+
+
+@pytest.mark.slow
+def test_nightly_registers_a_champion_and_the_gate_refuses_shuffled_labels(spark, tmp_path):
+    from mmrank.stages import training_lists
+
+    cfg = make_config(tmp_path, "generator.n_products=60", "generator.n_queries=40", "train.max_epochs=6",
+                      "train.patience=6", "train.data_loader=parquet", "score.top_n=5", "score.similarity_top_k=5",
+                      "evaluate.baselines=false", "tracking.gate_tolerance=0.0")
+    lh = Lakehouse(spark, cfg)
+    nightly.run_nightly(lh, D1, echo=print)
+    tr = tracking.tracker(lh)
+    v1 = _runs_row(lh, D1, "train")["model_version"]
+    assert tr.find_runs(mmrank_stage="train", mmrank_artifact_version=v1)          # an MLflow run ...
+    assert tracking.champion_version(lh) == v1                                     # ... and a registered champion
+    assert tr.find_runs(mmrank_stage="evaluate", mmrank_run_date=D1.isoformat())   # the evaluation is a run too
+
+    def broken_lists(lh, d, o):  # a label bug upstream: the training set's grades are shuffled
+        counts = training_lists.run(lh, d)
+        _shuffle_train_grades(lh)
+        return counts
+
+    steps = [nightly.Step(s.name, broken_lists) if s.name == "training_lists" else s for s in nightly.PIPELINE]
+    res = nightly.run_nightly(lh, D2, steps=steps, echo=print)
+    v2 = _runs_row(lh, D2, "train")["model_version"]
+    row = _runs_row(lh, D2, "promote")
+    assert v2 != v1 and row["message"].startswith(f"refused: {v2}"), row["message"]
+    assert tracking.champion_version(lh) == v1 and tr.alias(tracking.CHALLENGER).artifact_version == v2
+    served = lh.read("ranking_scores").where(F.col("run_date") == F.lit(D2.isoformat()).cast("date"))
+    assert {r["model_version"] for r in served.select("model_version").distinct().collect()} == {v1}
+    report = Path(res.report_path).read_text()
+    assert "## Model promotion" in report and f"refused: {v2}" in report and "< champion" in report
