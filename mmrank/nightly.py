@@ -1,6 +1,6 @@
 """The nightly pipeline: generate -> ingest -> labels -> featurize -> training_lists -> train -> promote ->
-score -> evaluate -> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of `mmrank.stages`;
-each stage records its own `runs` row.
+score -> evaluate -> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of
+`mmrank.stages`; each stage records its own `runs` row.
 
 Resume rules (`run_nightly`):
 - a stage whose row for this run_date is `succeeded` is skipped, unless forced;

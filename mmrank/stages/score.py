@@ -6,8 +6,8 @@ skipped) -> `scoring.scorer` (the model once per Spark worker, in an iterator `m
 `scoring.writer` (rank per query, keep `score.top_n`), then one atomic `replace_date` of run_date's rows:
 readers see the old or the new complete day, never a mix. Pairs with some modalities missing are scored with
 masks, exactly as in training. The model is the registered `champion` (`mmrank.tracking`, chosen by the
-`promote` stage), or the latest artifact without a registry. `score.quantize` (or `quantize=True`) scores with the int8 copy of the model and
-suffixes the model version with `+int8`.
+`promote` stage), or the latest artifact without a registry. `score.quantize` (or `quantize=True`) scores with
+the int8 copy of the model and suffixes the model version with `+int8`.
 """
 from __future__ import annotations
 
