@@ -3,11 +3,15 @@
     python bench/quality.py                       # the embedded default sample (generator.*), model seed 13
     python bench/quality.py --seeds 13 14 15 --n-queries 400
     python bench/quality.py --skip-fashion
+    python bench/quality.py --ablation --seeds 13 14 --ablation-epochs 20   # fusion x head grid + compression
 
 Each dataset gets a fresh lakehouse under `--root`; the pipeline is generate/ingest/labels (or the fashion
 ingestion) -> featurize -> training_lists -> train (artifact `fusion`) -> evaluate once per model seed (the
 query split is fixed by `--split-seed`). Prints one Markdown table per dataset (mean and, with several seeds,
 sd over seeds) and the headline comparisons. Metrics also land in each lakehouse's `metrics` table and report.
+With `--ablation` the evaluate stage runs once per dataset with `evaluate.ablation` (every fusion x every head,
+each trained for every seed, plus the compression table: `mmrank.ranker.ablation`) instead of the per-seed
+model comparison, and its `ablation_<dataset>.md` is printed.
 """
 from __future__ import annotations
 
@@ -126,11 +130,31 @@ def headline(mean: pd.DataFrame) -> list[str]:
     return out
 
 
+def _ablation(lh: Lakehouse, dataset: str, run_date: dt.date, args) -> str:
+    """The evaluate stage with `evaluate.ablation` on (cheap mode otherwise); returns its ablation Markdown."""
+    from mmrank.stages import evaluate
+
+    ev = lh.cfg.evaluate.model_copy(update={"ablation": True, "baselines": False, "ablation_seeds": args.seeds,
+                                            "ablation_max_epochs": args.ablation_epochs})
+    run_lh = Lakehouse(lh.spark, lh.cfg.model_copy(update={"evaluate": ev}))
+    name = f"{dataset}_ablation"
+    t0 = time.perf_counter()
+    evaluate.run(run_lh, run_date, dataset=name)
+    text = (run_lh.paths.reports(run_date) / f"ablation_{name}.md").read_text()
+    return text + f"\n(ablation: {time.perf_counter() - t0:.0f}s)\n"
+
+
 def bench_dataset(dataset: str, args, extra_sets: list[str]) -> str:
     run_date = args.run_date
     lh = _lakehouse(Path(args.root) / dataset, args, extra_sets)
     t0 = time.perf_counter()
     _prepare(lh, dataset, run_date, args)
+    if args.ablation:
+        n_lists = dict(lh.read("training_lists").groupBy("split").count().collect())
+        return (f"## {dataset}: {n_lists.get('test', 0)} test queries (train {n_lists.get('train', 0)}, "
+                f"validation {n_lists.get('validation', 0)}); split seed {args.split_seed}; loss "
+                f"{lh.cfg.train.loss}; max_epochs {args.ablation_epochs or lh.cfg.train.max_epochs}\n\n"
+                + _ablation(lh, dataset, run_date, args))
     rows, reports = _evaluate(lh, dataset, run_date, args.seeds)
     n_lists = dict(lh.read("training_lists").groupBy("split").count().collect())
     out = [f"## {dataset}: {n_lists.get('test', 0)} test queries (train {n_lists.get('train', 0)}, "
@@ -161,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-sample", action="store_true")
     p.add_argument("--skip-fashion", action="store_true")
     p.add_argument("--fashion-limit", type=int, default=None, help="use only this many fashion products")
+    p.add_argument("--ablation", action="store_true", help="fusion x head grid (mean, sd over --seeds) and the "
+                   "compression table instead of the model comparison")
+    p.add_argument("--ablation-epochs", type=int, default=None, help="max_epochs per ablation model "
+                   "(default: train.max_epochs)")
     args = p.parse_args(argv)
     setup_logging(False)
     out = []

@@ -1,4 +1,4 @@
-"""Score stage: candidate (query, product) pairs -> latest trained model -> top-N per query in ranking_scores.
+"""Score stage: candidate (query, product) pairs -> the champion model -> top-N per query in ranking_scores.
 
     python jobs/score.py --run-date 2026-11-21 [--version V] [--quantize] [--set score.candidates=impressions]
 """
@@ -18,6 +18,7 @@ def main(lh, args):
 
 if __name__ == "__main__":
     parser = job_parser(__doc__.splitlines()[0])
-    parser.add_argument("--version", default=None, help="model artifact version (default: the latest)")
+    parser.add_argument("--version", default=None,
+                        help="model artifact version (default: the registered champion, else the latest)")
     parser.add_argument("--quantize", action="store_true", help="int8 dynamic quantization (= score.quantize)")
     sys.exit(run_job(parser, main))

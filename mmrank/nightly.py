@@ -1,6 +1,6 @@
-"""The nightly pipeline: generate -> ingest -> labels -> featurize -> training_lists -> train -> score -> evaluate
--> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of `mmrank.stages`;
-each stage records its own `runs` row.
+"""The nightly pipeline: generate -> ingest -> labels -> featurize -> training_lists -> train -> promote ->
+score -> evaluate -> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of
+`mmrank.stages`; each stage records its own `runs` row.
 
 Resume rules (`run_nightly`):
 - a stage whose row for this run_date is `succeeded` is skipped, unless forced;
@@ -10,7 +10,8 @@ Resume rules (`run_nightly`):
 So a second invocation for the same date is a no-op that leaves the tables identical, and a run that failed
 at stage k resumes at stage k. A stage may also not apply to a configuration (`generate` outside `env: local`:
 the landing zone is fed upstream); it is skipped without a row. `train` decides itself whether it is due
-(`mmrank.stages.train.train_due`; `--force-train` forces it).
+(`mmrank.stages.train.train_due`; `--force-train` forces it); `promote` gates the new model (it becomes the
+registered `champion` that `score` uses only if it is not worse on the validation lists; `stages/promote.py`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from mmrank.config import MMRankConfig
 from mmrank.lakehouse import Lakehouse
 from mmrank.report import NIGHTLY_FILE
 from mmrank.runs import date_rows
-from mmrank.stages import evaluate, featurize, generate, ingest, labels, report, score, train, training_lists
+from mmrank.stages import (evaluate, featurize, generate, ingest, labels, promote, report, score, train,
+                           training_lists)
 
 
 
@@ -51,6 +53,7 @@ PIPELINE: tuple[Step, ...] = (
     Step(featurize.run.stage, lambda lh, d, o: featurize.run(lh, d)),
     Step(training_lists.run.stage, lambda lh, d, o: training_lists.run(lh, d)),
     Step(train.run.stage, lambda lh, d, o: train.run(lh, d, force=o.force_train)),
+    Step(promote.run.stage, lambda lh, d, o: promote.run(lh, d)),
     Step(score.run.stage, lambda lh, d, o: score.run(lh, d)),
     Step(evaluate.run.stage, lambda lh, d, o: evaluate.run(lh, d)),
     Step(report.run.stage, lambda lh, d, o: report.run(lh, d)),

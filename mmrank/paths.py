@@ -1,6 +1,7 @@
 """Every folder mmrank uses besides its tables, derived from the `storage` config in one place.
 
-- `artifacts`: model versions (`ranker.artifact`); `reports(run_date)`: the nightly and evaluation reports;
+- `artifacts`: model versions (`ranker.artifact`); `tracking`: the embedded MLflow store (`mmrank.tracking`);
+  `reports(run_date)`: the nightly and evaluation reports;
 - `work(*parts)`: scratch space (training checkpoints, the petastorm cache), created on demand;
 - `landing`: the raw landing zone (`sample/` is the generated sample's).
 Each is a storage location (`mmrank.storage`): a `pathlib.Path` for a local folder, a `StoragePath` for a URI
@@ -30,6 +31,11 @@ class StoragePaths:
     @property
     def artifacts(self) -> PathLike:
         return self._resolve(self.cfg.storage.artifacts_dir)
+
+    @property
+    def tracking(self) -> PathLike:
+        """The embedded MLflow tracking store and registry (SQLite + run artifacts), when no URI is configured."""
+        return self.artifacts / "mlflow"
 
     def reports(self, run_date: dt.date) -> PathLike:
         """`<reports_dir>/<run_date>/` (not created)."""

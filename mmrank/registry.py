@@ -1,7 +1,7 @@
 """Registries: the names a config key accepts are the names registered in code, nothing else.
 
 A `Registry` maps a name to an implementation (a loss function, an encoder class, a training backend, a data
-loader, a candidate source, a fusion). Implementations register themselves where they are defined::
+loader, a candidate source, a fusion, a scoring head). Implementations register themselves where they are defined::
 
     @LOSSES.register("lambdarank")
     def lambdarank(scores, grades, sigma=1.0): ...
@@ -72,7 +72,10 @@ class Registry(Generic[T]):
 
 LOSSES: Registry = Registry("train.loss", "mmrank.ranker.losses")
 FUSIONS: Registry = Registry("train.fusion", "mmrank.ranker.fusion")
+HEADS: Registry = Registry("train.head", "mmrank.ranker.heads")
 BACKENDS: Registry = Registry("train.backend", "mmrank.distributed.backends")
 LOADERS: Registry = Registry("train.data_loader", "mmrank.distributed.loaders")
 CANDIDATE_SOURCES: Registry = Registry("score.candidates", "mmrank.scoring.candidates")
-ENCODERS: dict[str, Registry] = {m: Registry(f"features.{m}.name", f"mmrank.encoders.{m}") for m in PRODUCT_MODALITIES}
+_EXTRA_ENCODER_MODULES = {"audio": ("mmrank.encoders.audio_lstm",)}
+ENCODERS: dict[str, Registry] = {m: Registry(f"features.{m}.name", f"mmrank.encoders.{m}",
+                                             *_EXTRA_ENCODER_MODULES.get(m, ())) for m in PRODUCT_MODALITIES}

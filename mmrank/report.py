@@ -3,7 +3,10 @@ set-up for all of them.
 
 - `write_evaluation` (the evaluate stage): `metrics_<dataset>.json`, `evaluation_<dataset>.md` and its bar plot
   `evaluation_<dataset>.png` (models x NDCG/MAP/MRR, one panel per evaluation target);
-- `write_nightly` (the report stage): `nightly_report.md` with the date's pipeline runs (`runs`), the metrics per
+- `write_ablation` (evaluate with `evaluate.ablation`): `ablation_<dataset>.md` (fusion x head, mean ± sd over
+  seeds; the compression table) and `.json`;
+- `write_nightly` (the report stage): `nightly_report.md` with the date's pipeline runs (`runs`), the promotion
+  decision (champion / challenger and why, the registered versions), the metrics per
   model (`metrics`, linking the evaluation plots rather than drawing them again), the metric trend across run
   dates, score distributions of the date's `ranking_scores` and modality contributions (`contrib_*`, split by
   query kind). A section whose input table is empty says so.
@@ -110,6 +113,49 @@ def write_evaluation(out_dir: Path, dataset: str, rows: pd.DataFrame, meta: dict
         f"lists without a relevant item: `{meta.get('no_relevant')}`. `test` = grades from `labels`; "
         f"`test_judgments` (if present) = the same lists graded by `judgments`.\n\n"
         f"{sections}\n\n![metrics]({paths['png'].name})\n\n{notes}\n")
+    return paths
+
+
+# ---- ablation (evaluate.ablation, bench/quality.py --ablation) ----------------------------------------------
+def mean_sd(values: pd.Series) -> str:
+    """`mean ± sd` over seeds (`mean` alone for one seed)."""
+    v = values.astype(float)
+    return f"{v.mean():.4f}" if len(v) < 2 else f"{v.mean():.4f} ± {v.std():.4f}"
+
+
+def ablation_table(grid: pd.DataFrame, split: str, metric: str = "ndcg@10") -> pd.DataFrame:
+    """fusion x head table of `metric` on `split`: mean ± sd over seeds (fusions and heads in grid order)."""
+    g = grid[(grid["split"] == split) & (grid["metric"] == metric)]
+    heads = list(dict.fromkeys(g["head"]))
+    rows = [{"fusion": f, **{h: mean_sd(part[part["head"] == h]["value"]) for h in heads}}
+            for f, part in g.groupby("fusion", sort=False)]
+    return pd.DataFrame(rows, columns=["fusion", *heads])
+
+
+def ablation_markdown(grid: pd.DataFrame, comp: pd.DataFrame | None, title: str, metric: str = "ndcg@10") -> str:
+    """The ablation section: one fusion x head table per evaluation target, then the compression table."""
+    seeds = sorted(grid["seed"].unique()) if not grid.empty else []
+    parts = [f"## Ablation: {title}", "",
+             f"{metric} on the test lists, mean ± sd over model seeds {seeds} (rows: fusion, columns: head); "
+             "each model trained on the train split, early-stopped on validation.", ""]
+    for split in dict.fromkeys(grid["split"]):
+        parts += [f"### {split}", "", md_table(ablation_table(grid, split, metric)), ""]
+    if comp is not None and not comp.empty:
+        c = comp.assign(sparsity=comp["sparsity"].map(lambda v: f"{v:.0%}"),
+                        pairs_per_s=comp["pairs_per_s"].map(lambda v: f"{v:,.0f}"))
+        parts += ["### Compression", "", "One trained model (the configured fusion and head), pruned and/or int8: "
+                  "NDCG on the test lists, scoring throughput (scores + contributions, one thread) and "
+                  "serialized size (`bytes`; `zlib_bytes` compressed).", "", md_table(c, floatfmt="{:.4f}"), ""]
+    return "\n".join(parts)
+
+
+def write_ablation(out_dir: Path, dataset: str, grid: pd.DataFrame, comp: pd.DataFrame | None) -> dict[str, Path]:
+    """`ablation_<dataset>.md` and `ablation_<dataset>.json` (the raw rows) in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"ablation_md": out_dir / f"ablation_{dataset}.md", "ablation_json": out_dir / f"ablation_{dataset}.json"}
+    paths["ablation_md"].write_text(ablation_markdown(grid, comp, dataset) + "\n")
+    doc = {"grid": grid.to_dict("records"), "compression": [] if comp is None else comp.to_dict("records")}
+    paths["ablation_json"].write_text(json.dumps(doc, indent=1, default=str))
     return paths
 
 
@@ -229,6 +275,21 @@ def contributions_section(lh: Lakehouse, sc: pd.DataFrame, run_date: dt.date, ou
     return note + md_table(summ), ["modality_contributions.png"]
 
 
+def promotion_section(lh: Lakehouse, run_date: dt.date) -> str:
+    """The promote stage's decision for the date (champion / challenger and why) and the registry's versions."""
+    rows = lh.read("runs").where(_on(run_date)).where(F.col("stage") == "promote").collect()
+    if not rows:
+        return "_the promote stage did not run for this date_"
+    r = rows[0]
+    text = f"Status `{r['status']}`; scoring uses `{r['model_version'] or 'the latest artifact'}`.\n\n{r['message']}"
+    from mmrank import tracking
+
+    tr = tracking.tracker(lh)
+    if tr is not None and tracking.store_exists(lh):
+        text += "\n\nRegistered versions (MLflow):\n\n" + md_table(tr.versions_frame())
+    return text
+
+
 def write_nightly(lh: Lakehouse, run_date: dt.date) -> Path:
     """Write `<reports_dir>/<run_date>/nightly_report.md` with its PNG plots; returns the Markdown path."""
     out = lh.paths.reports(run_date)
@@ -243,6 +304,7 @@ def write_nightly(lh: Lakehouse, run_date: dt.date) -> Path:
         parts.extend(f"![{Path(i).stem}]({i})\n" for i in images)
 
     add("Pipeline runs", runs_section(lh, run_date), [])
+    add("Model promotion", promotion_section(lh, run_date), [])
     add("Metrics per model and modality", *metrics_section(lh, run_date, out))
     add("Metric trend across runs", *trend_section(lh, run_date, out))
     add("Score distributions", *scores_section(sc, run_date, out))

@@ -105,5 +105,6 @@ def test_notebooks_run_against_local_lakehouse(spark, nb_lh):
     assert any(hasattr(x, "savefig") for x in ns["_shown"])  # the image + contribution figure
 
     ns = run_notebook("04_compare_models.py", spark, {**w, "versions": "", "max_queries": "3", "k": "3"})
+    assert list(ns["registered"].columns) == ["version", "artifact_version", "aliases", "run_id", "gate"]
     cmp = ns["_shown"][-1]
     assert cmp["version_b"].iloc[0].endswith(QUANT_SUFFIX) and cmp["spearman"].iloc[0] > 0.9

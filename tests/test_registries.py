@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from mmrank.config import VALIDATION_METRICS, ConfigError, load_config
-from mmrank.registry import BACKENDS, CANDIDATE_SOURCES, ENCODERS, FUSIONS, LOADERS, LOSSES, Registry
+from mmrank.registry import BACKENDS, CANDIDATE_SOURCES, ENCODERS, FUSIONS, HEADS, LOADERS, LOSSES, Registry
 
 # (config key, registry, what the code registers today)
 CHOICES = [
     ("train.loss", LOSSES, {"pointwise_bce", "pointwise_mse", "ranknet", "listnet", "lambdarank"}),
-    ("train.fusion", FUSIONS, {"concat", "gated"}),
+    ("train.fusion", FUSIONS, {"concat", "gated", "max_pool", "avg_pool", "weighted_sum"}),
+    ("train.head", HEADS, {"mlp", "linear", "logistic"}),
     ("train.backend", BACKENDS, {"local", "horovod", "torch_distributor"}),
     ("train.data_loader", LOADERS, {"petastorm", "parquet"}),
     ("features.text.name", ENCODERS["text"], {"minilm", "bert", "hf"}),
     ("features.image.name", ENCODERS["image"], {"resnet18", "resnet50"}),
-    ("features.audio.name", ENCODERS["audio"], {"logmel_cnn"}),
+    ("features.audio.name", ENCODERS["audio"], {"logmel_cnn", "logmel_lstm"}),
 ]
 
 

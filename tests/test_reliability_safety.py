@@ -1,6 +1,9 @@
 """Issue #8, part 5: no unpickling of untrusted content, clear errors for missing weights, no secrets or raw
 user text in logs.
 
+MLflow (issue #16) adds no loading path: runs log the safetensors folder and the registry maps aliases to
+artifact versions; the scanner below also rejects every `mlflow.<flavor>.load_model` (those unpickle).
+
 Already covered elsewhere: pickled / torch-pickle model artifacts are refused (tests/test_ranker_model.py
 `test_pickled_weights_are_refused`), a missing image weights file (tests/test_encoders.py), config path
 validation (tests/test_config.py).
@@ -61,6 +64,8 @@ def _unsafe_calls(source: str) -> list[str]:
             bad.append(where)
         elif owner == "np" and name == "load" and const("allow_pickle") is True:
             bad.append(where)
+        elif name in ("load_model", "load_pyfunc", "load_state_dict") and ast.unparse(f).startswith("mlflow."):
+            bad.append(where)  # mlflow flavors unpickle (cloudpickle / torch.load); mmrank loads safetensors only
         elif owner == "yaml" and name in ("load", "load_all", "unsafe_load", "full_load"):
             loader = kw.get("Loader")
             if not (loader is not None and "Safe" in ast.unparse(loader)):
@@ -72,9 +77,11 @@ def test_scanner_finds_each_unsafe_pattern():
     """The scanner itself: every pattern is caught, the safe spellings are not."""
     unsafe = ["torch.load(p)", "torch.load(p, weights_only=False)", "pickle.load(f)", "pickle.loads(b)",
               "np.load(p, allow_pickle=True)", "yaml.load(s)", "yaml.load(s, Loader=yaml.Loader)",
-              "eval('1')", "exec('x=1')"]
+              "eval('1')", "exec('x=1')", "mlflow.pytorch.load_model(uri)", "mlflow.pyfunc.load_model(uri)",
+              "mlflow.sklearn.load_model(uri)", "mlflow.pytorch.load_state_dict(uri)"]
     safe = ["torch.load(p, weights_only=True)", "np.load(p)", "yaml.safe_load(s)",
-            "yaml.load(s, Loader=yaml.SafeLoader)", "model.eval()", "x = 'torch.load(p)'"]
+            "yaml.load(s, Loader=yaml.SafeLoader)", "model.eval()", "x = 'torch.load(p)'",
+            "client.log_artifacts(run_id, folder, 'model')", "load_model(p)"]
     for s in unsafe:
         assert _unsafe_calls(s), s
     for s in safe:

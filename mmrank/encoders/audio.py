@@ -67,11 +67,26 @@ class AudioEncoder(Encoder):
         if self.weights is not None and not self.weights.exists():
             raise FileNotFoundError(f"features.audio.weights_path: {self.weights} does not exist")
         wid = file_fingerprint(self.weights) if self.weights else f"random-init-seed{self.seed}"
+        learned_dim, learned_tag = self._learned(c)
         self.version = (f"{name}-{wid}-sr{self.sr}-mel{self.n_mels}-mfcc{self.n_mfcc}-"
-                        f"{c.max_seconds:g}s-c{self.channels}")
-        self.dim = 2 * self.n_mels + 2 * self.n_mfcc + self.channels
+                        f"{c.max_seconds:g}s-{learned_tag}")
+        self.dim = 2 * self.n_mels + 2 * self.n_mfcc + learned_dim
         if self.weights is None:
             warn_random_init(f"audio encoder {name}", "features.audio.weights_path")
+
+    # ---- the learned block over log-mel frames (subclasses replace these two and `_learned_block`) ----------
+    def _learned(self, c) -> tuple[int, str]:
+        """(width of the learned block, its tag in `version`)."""
+        return self.channels, f"c{self.channels}"
+
+    def _build_learned(self) -> torch.nn.Module:
+        return conv_encoder(self.n_mels, self.channels)
+
+    def _learned_block(self, logmel: torch.Tensor, mask: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """[B, width] from log-mel [B, M, T] with its valid-frame mask [B, T] (`frames` = valid counts [B])."""
+        h = self.net(logmel).float()
+        m = mask.unsqueeze(1).float()
+        return (h * m).sum(2) / m.sum(2).clamp_min(1.0)
 
     def _load(self) -> None:
         win = int(round(WIN_S * self.sr))
@@ -81,10 +96,10 @@ class AudioEncoder(Encoder):
         self.dct = torchaudio.functional.create_dct(self.n_mfcc + 1, self.n_mels, "ortho").to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            conv = conv_encoder(self.n_mels, self.channels)
+            net = self._build_learned()
         if self.weights is not None:
-            conv.load_state_dict(load_state_dict(self.weights))
-        self.conv = conv.eval().to(self.device)
+            net.load_state_dict(load_state_dict(self.weights))
+        self.net = net.eval().to(self.device)
 
     def decode(self, item: Any) -> torch.Tensor:
         if item is None or len(item) == 0:
@@ -126,13 +141,12 @@ class AudioEncoder(Encoder):
             db = 10.0 * torch.log10(self.mel(x.float()).clamp_min(1e-10))  # [B, M, T]
             db = db - db.amax((1, 2), keepdim=True)
             logmel = db.clamp_min(-TOP_DB) / TOP_DB + 1.0
-            mask = torch.arange(logmel.shape[2], device=self.device)[None, :] <= (lengths // self.hop)[:, None]
+            frames = (lengths // self.hop + 1).clamp_max(logmel.shape[2])
+            mask = torch.arange(logmel.shape[2], device=self.device)[None, :] < frames[:, None]
             mfcc = torch.einsum("bmt,mk->bkt", logmel, self.dct[:, 1:])  # c0 (overall level) dropped
             stats = _masked_mean_std(logmel, mask)
             mean = stats[:, : self.n_mels]  # spectral shape: centred over mel bins (noise floor removed)
             stats = torch.cat([mean - mean.mean(1, keepdim=True), stats[:, self.n_mels:]], 1)
             blocks = [stats, _masked_mean_std(mfcc, mask)]
-        h = self.conv(logmel).float()
-        m = mask.unsqueeze(1).float()
-        blocks.append((h * m).sum(2) / m.sum(2).clamp_min(1.0))
+        blocks.append(self._learned_block(logmel, mask, frames))
         return F.normalize(torch.cat([F.normalize(b, dim=1) for b in blocks], 1), dim=1)

@@ -76,6 +76,11 @@ def _complete(folder: PathLike) -> bool:
     return (folder / META_FILE).exists() and (folder / WEIGHTS_FILE).exists()
 
 
+def version_folder(artifacts_dir: str | os.PathLike, version: str) -> PathLike:
+    """The folder holding one saved version (`weights.safetensors`, `model.json`)."""
+    return _models_dir(artifacts_dir) / version
+
+
 def latest_version(artifacts_dir: str | os.PathLike) -> str:
     """The version LATEST points at; ArtifactError if no model was saved yet."""
     path = _models_dir(artifacts_dir) / LATEST_FILE

@@ -277,17 +277,30 @@ def batches_fn(batch: Batch, batch_size: int, shuffle: bool, seed: int) -> DataF
     return lambda epoch: iterate_batches(batch, batch_size, shuffle=shuffle, seed=seed + epoch)
 
 
-def build_model(dims: ModalityDims, cfg: TrainConf) -> FusionRanker:
-    """FusionRanker with weights initialised from `cfg.seed` (same seed -> same initial weights)."""
+def build_model(dims: ModalityDims, cfg: TrainConf, init_state: dict[str, np.ndarray] | None = None) -> FusionRanker:
+    """FusionRanker with weights initialised from `cfg.seed` (same seed -> same initial weights), then the
+    entries of `init_state` (e.g. the fitted `pca.*` buffers) copied in."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return FusionRanker(dims, cfg)
+        model = FusionRanker(dims, cfg)
+    if init_state:
+        state = model.state_dict()
+        unknown = sorted(set(init_state) - set(state))
+        if unknown:
+            raise KeyError(f"init_state has entries the model does not: {unknown}")
+        model.load_state_dict({**state, **{k: torch.as_tensor(np.asarray(v)) for k, v in init_state.items()}})
+    return model
 
 
 def train_local(train_batches: Batch, val_batches: Batch, dims: ModalityDims, cfg: TrainConf,
                 **fit_kwargs) -> tuple[FusionRanker, FitResult]:
-    """Single-process training on in-memory batch dicts; returns (best model in eval mode, FitResult)."""
-    model = build_model(dims, cfg)
+    """Single-process training on in-memory batch dicts; returns (best model in eval mode, FitResult). With
+    `cfg.pca_dim` the PCA is fitted on `train_batches`; with `cfg.prune_sparsity` the result is pruned."""
+    from mmrank.ranker.compress import prune_model
+    from mmrank.ranker.pca import moments_of_batch, pca_init_state
+
+    init = pca_init_state(moments_of_batch(train_batches, dims), dims, cfg.pca_dim) if cfg.pca_dim else None
+    model = build_model(dims, cfg, init)
     result = fit(model, batches_fn(train_batches, cfg.batch_size, True, cfg.seed),
                  batches_fn(val_batches, cfg.batch_size, False, cfg.seed), cfg, **fit_kwargs)
-    return model, result
+    return prune_model(model, cfg.prune_sparsity), result

@@ -7,7 +7,10 @@ dropout change the mask, never z). A new fusion is one class here plus its decor
 
 - `concat` (the design notes' baseline): MLP over [z_1*m_1, ..., z_M*m_M, m];
 - `gated`: weights w_m = softmax over *present* modalities of gate([q, z_m]) + a per-modality bias, absent
-  modalities weight 0 (all 0 when none is present); fused = sum_m w_m z_m. `weights()` exposes them.
+  modalities weight 0 (all 0 when none is present); fused = sum_m w_m z_m. `weights()` exposes them;
+- `max_pool` / `avg_pool` (the second note's pooling): element-wise max / mean over the present modalities;
+- `weighted_sum` (the second note's z = sum_k alpha_k A_k(x)): learned global alpha per modality, softmax over
+  the present ones; `weights()` exposes them.
 """
 from __future__ import annotations
 
@@ -54,6 +57,50 @@ class GatedFusion(nn.Module):
         qe = q[:, None, None, :].expand_as(z)
         logits = self.gate(torch.cat([qe, z], dim=-1)).squeeze(-1) + self.gate_bias
         logits = logits.masked_fill(mask <= 0, torch.finfo(logits.dtype).min)
+        return torch.softmax(logits, dim=-1) * (mask > 0)
+
+    def forward(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self.weights(q, z, mask).unsqueeze(-1) * z).sum(dim=2)
+
+
+class _PresentPool(nn.Module):
+    """Base of the parameter-free pooling fusions (the design notes' max / average pooling)."""
+
+    def __init__(self, n_modalities: int, proj_dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+
+
+@FUSIONS.register("max_pool")
+class MaxPoolFusion(_PresentPool):
+    """Element-wise max over the present modalities (0 when none is present)."""
+
+    def forward(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        present = (mask > 0).unsqueeze(-1)
+        pooled = z.masked_fill(~present, torch.finfo(z.dtype).min).amax(dim=2)
+        return torch.where(present.any(dim=2), pooled, torch.zeros_like(pooled))
+
+
+@FUSIONS.register("avg_pool")
+class AvgPoolFusion(_PresentPool):
+    """Mean over the present modalities (0 when none is present)."""
+
+    def forward(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = (mask > 0).to(z.dtype)
+        return (z * m.unsqueeze(-1)).sum(dim=2) / m.sum(dim=2, keepdim=True).clamp_min(1.0)
+
+
+@FUSIONS.register("weighted_sum")
+class WeightedSumFusion(nn.Module):
+    """z = sum_k alpha_k z_k with one learned global weight per modality: alpha = softmax of `alpha_logits`
+    over the present modalities (absent ones weigh 0), the same for every query and product."""
+
+    def __init__(self, n_modalities: int, proj_dim: int, hidden_dim: int, dropout: float):
+        super().__init__()
+        self.alpha_logits = nn.Parameter(torch.zeros(n_modalities))
+
+    def weights(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, M] weights, summing to 1 over present modalities, 0 for absent ones."""
+        logits = self.alpha_logits.expand_as(mask).masked_fill(mask <= 0, torch.finfo(z.dtype).min)
         return torch.softmax(logits, dim=-1) * (mask > 0)
 
     def forward(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

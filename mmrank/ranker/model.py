@@ -5,9 +5,11 @@ Architecture (all sizes from TrainConf):
   query text/audio; inputs of absent modalities are zeroed *before* projection and their outputs masked;
 - query representation q = masked mean of the present query modalities (0 if none);
 - fusion (`cfg.fusion`, a registered `mmrank.ranker.fusion` class): `concat` (MLP over the masked modality
-  vectors and the mask, the design-notes baseline) or `gated` (query-conditioned softmax weights over the
-  present modalities);
-- scorer MLP on [q, fused, q*fused, match] with dropout -> one score per slot, where `match` (with
+  vectors and the mask, the design-notes baseline), `gated` (query-conditioned softmax weights over the
+  present modalities), `weighted_sum` (learned global weights), `max_pool` or `avg_pool`;
+- optional PCA of each modality's raw embeddings before its projection (`cfg.pca_dim`, `mmrank.ranker.pca`);
+- scoring head (`cfg.head`, a registered `mmrank.ranker.heads` module: `mlp` with dropout, `linear`,
+  `logistic`) on [q, fused, q*fused, match] -> one score per slot, where `match` (with
   `cfg.match_features`) holds the cosines query-text/product-text and query-audio/product-audio (same encoder,
   same space), each 0 unless both sides have that modality and the product modality is allowed and unmasked.
   A projection can learn such an interaction only from many queries; given explicitly, it is a strong prior
@@ -26,8 +28,9 @@ from torch import nn
 from mmrank.config import TrainConf
 from mmrank.modalities import MATCHED, PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims
 from mmrank.ranker.batch import Batch
-from mmrank.ranker.fusion import masked, mlp
-from mmrank.registry import FUSIONS
+from mmrank.ranker.fusion import masked
+from mmrank.ranker.pca import PCAInputs
+from mmrank.registry import FUSIONS, HEADS
 
 N_PRODUCT_MODALITIES = len(PRODUCT_MODALITIES)
 _MATCHED_PRODUCT = [PRODUCT_MODALITIES.index(m) for m in MATCHED]
@@ -47,11 +50,13 @@ class FusionRanker(nn.Module):
             raise ValueError("train.modalities must name at least one of text, image, audio")
         self.dims, self.cfg = dims, cfg
         p = cfg.proj_dim
-        self.product_proj = nn.ModuleDict({m: _projection(dims.of(m), p) for m in PRODUCT_MODALITIES})
-        self.query_proj = nn.ModuleDict({m: _projection(dims.of(m), p) for m in QUERY_MODALITIES})
+        self.pca = PCAInputs(dims, cfg.pca_dim) if cfg.pca_dim else None
+        width = self.pca.out_dim if self.pca is not None else dims.of
+        self.product_proj = nn.ModuleDict({m: _projection(width(m), p) for m in PRODUCT_MODALITIES})
+        self.query_proj = nn.ModuleDict({m: _projection(width(m), p) for m in QUERY_MODALITIES})
         self.fusion = FUSIONS.get(cfg.fusion)(N_PRODUCT_MODALITIES, p, cfg.hidden_dim, cfg.dropout)
         self.n_match = len(MATCHED) if cfg.match_features else 0
-        self.scorer = mlp(3 * p + self.n_match, cfg.hidden_dim, 1, cfg.dropout)
+        self.scorer = HEADS.get(cfg.head)(3 * p + self.n_match, cfg.hidden_dim, cfg.dropout)
         self.register_buffer("allowed", torch.tensor([float(m in cfg.modalities) for m in PRODUCT_MODALITIES]),
                              persistent=False)
 
@@ -60,13 +65,18 @@ class FusionRanker(nn.Module):
         """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities` (no modality dropout),
         match [B, L, len(MATCHED)] raw query-product cosines, 0 where the query lacks the modality)."""
         q_mask = batch["q_mask"]
-        q_parts = torch.stack([masked(self.query_proj[m](masked(batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
+        q_parts = torch.stack([masked(self.query_proj[m](self._inputs(m, batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
                                for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
         q = q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         mask = batch["p_mask"] * self.allowed
-        z = torch.stack([self.product_proj[m](masked(batch[f"p_{m}"], mask[..., i]))
+        z = torch.stack([self.product_proj[m](self._inputs(m, batch[f"p_{m}"], mask[..., i]))
                          for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
         return q, masked(z, mask), mask, self._match(batch)
+
+    def _inputs(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings with absent rows zeroed, then the modality's PCA (`train.pca_dim`) if any."""
+        x = masked(x, mask)
+        return self.pca(modality, x) if self.pca is not None else x
 
     def _match(self, batch: Batch) -> torch.Tensor:
         B, L = batch["p_mask"].shape[:2]

@@ -7,14 +7,13 @@
   `mapInPandas`, slower because every embedding becomes a numpy object per row). The model is loaded once per
   worker process (`load_scorer`, cached by artifacts dir + version + quantize) and called on exact
   `score.batch_size` chunks, with one torch thread per task cpu.
-- `quantize_model`: int8 dynamic quantization of every `nn.Linear` (CPU). Dynamic quantization scales
-  activations per batch, so scores depend (slightly) on batch composition; `score_df` hash-partitions and
-  sorts pairs by key first, so a re-run is bit-identical.
+- `quantize_model` (defined in `mmrank.ranker.compress`): int8 dynamic quantization of every `nn.Linear`
+  (CPU). Dynamic quantization scales activations per batch, so scores depend (slightly) on batch composition;
+  `score_df` hash-partitions and sorts pairs by key first, so a re-run is bit-identical.
 """
 from __future__ import annotations
 
 import threading
-import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -24,6 +23,7 @@ from pyspark.sql import DataFrame
 
 from mmrank.encoders.device import resolve_device, set_threads, task_threads
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+from mmrank.ranker.compress import quantize_model  # noqa: F401  (re-exported: scorer.quantize_model)
 
 
 QUANT_SUFFIX = "+int8"
@@ -36,24 +36,6 @@ SCORED_SCHEMA = ("query_id string, product_id string, score float, contrib_text 
 # ---------------------------------------------------------------------------------------------------------
 _MODEL_CACHE: dict[tuple[str, str, bool, str], tuple[Any, dict]] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-def quantize_model(model):
-    """int8 dynamic quantization of every `nn.Linear` (weights int8, activations quantized per batch, CPU).
-
-    Uses `torch.ao.quantization.quantize_dynamic` (present, though deprecated in favour of torchao, in torch
-    2.11). Returns a new module in eval mode; the original is left untouched.
-    """
-    import copy
-
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torch.ao.quantization import quantize_dynamic
-
-        qm = quantize_dynamic(copy.deepcopy(model).cpu().eval(), {torch.nn.Linear}, dtype=torch.qint8)
-    return qm.eval()
 
 
 def resolve_version(artifacts_dir: str, version: str | None = None) -> str:

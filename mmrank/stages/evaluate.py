@@ -1,7 +1,8 @@
 """Stage `evaluate`: NDCG@k, DCG@k, MAP and MRR on the TEST split of `training_lists`, for every model.
 
 Models (names in the `metrics` table):
-- `fusion`: the latest model artifact (`load_artifact`), if one exists and fits the lists' dims;
+- `fusion`: the registered `champion` (`mmrank.tracking`; without a registry the latest artifact), if one
+  exists and fits the lists' dims;
 - `similarity`: unsupervised query-product text cosine (audio cosine for voice queries);
 - with `evaluate.baselines` (else skipped, for a cheap nightly): `gated_fusion`, `concat_fusion` and
   `text_only` / `image_only` / `audio_only` (the configured fusion restricted to one product modality), all
@@ -10,7 +11,8 @@ Models (names in the `metrics` table):
 A single-modality model is skipped when no training list has that modality (e.g. audio in fashion).
 
 Results replace the `metrics` rows of (run_date, dataset) and are written as JSON + Markdown + PNG under
-`storage.reports_dir/<run_date>/`.
+`storage.reports_dir/<run_date>/`, and logged as an MLflow run (`mmrank.tracking`). With `evaluate.ablation`
+the fusion x head grid and the compression table (`mmrank.ranker.ablation`) are written as `ablation_<dataset>.md`.
 """
 from __future__ import annotations
 
@@ -93,8 +95,10 @@ def artifact_model(lh: Lakehouse, dims: ModalityDims, notes: list[str]) -> tuple
     """(version, scorer) of the latest artifact, or None (with a note) when there is none or it does not fit."""
     from mmrank.ranker.artifact import ArtifactError, load_artifact
 
+    from mmrank.tracking import champion_version
+
     try:
-        model, meta = load_artifact(lh.paths.artifacts)
+        model, meta = load_artifact(lh.paths.artifacts, champion_version(lh))
     except (ArtifactError, FileNotFoundError, OSError) as e:
         notes.append(f"`fusion` (trained artifact) not evaluated: {e}")
         return None
@@ -172,7 +176,33 @@ def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | 
             "list_size": L, "dims": {m: dims.of(m) for m in PRODUCT_MODALITIES},
             "no_relevant": ec.no_relevant, "notes": notes,
             "artifact_version": models["fusion"][0] if "fusion" in models else None}
+    if ec.ablation:
+        meta["ablation"] = ablation_tables(lh, batches, targets, dims)
     return rows, meta
+
+
+def ablation_tables(lh: Lakehouse, batches: dict[str, Batch], targets: dict[str, np.ndarray],
+                    dims: ModalityDims) -> dict[str, pd.DataFrame]:
+    """`evaluate.ablation`: the fusion x head grid and the compression table (`mmrank.ranker.ablation`)."""
+    from mmrank.ranker import ablation
+    from mmrank.ranker.fit import train_local
+
+    ec, tc = lh.cfg.evaluate, lh.cfg.train
+    cfg = tc.model_copy(update={"max_epochs": ec.ablation_max_epochs or tc.max_epochs})
+    train, val = batches["train"], batches.get("validation", batches["train"])
+    grid = ablation.grid(train, val, batches["test"], targets, dims, cfg, ec.ablation_seeds, ec.ks, ec.no_relevant)
+    model, _ = train_local(train, val, dims, cfg.model_copy(update={"seed": ec.ablation_seeds[0]}))
+    truth = targets.get("test_judgments", targets["test"])
+    return {"grid": grid, "compression": ablation.compression(model, batches["test"], truth, rule=ec.no_relevant)}
+
+
+def log_evaluation(lh: Lakehouse, run_date: dt.date, dataset: str, rows: pd.DataFrame, files: list,
+                   artifact_version: str | None) -> None:
+    """The evaluation as an MLflow run (metrics table + report files), when tracking is on."""
+    from mmrank import tracking
+
+    if (tr := tracking.tracker(lh)) is not None:
+        tr.log_evaluation(run_date, dataset, rows, files, artifact_version)
 
 
 @stage(STAGE, inputs=("training_lists",), outputs=("metrics",))
@@ -185,11 +215,15 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, dataset: str = "sample"
     dataset = _valid_name(dataset)
     rows, meta = evaluate(lh, dataset, extra)
     meta["run_date"] = run_date.isoformat()
+    tables = meta.pop("ablation", None)
     rec.model_version = meta["artifact_version"]
     schema = lh.read("metrics").schema
     recs = [tuple({**r, "run_date": run_date, "dataset": dataset}[c] for c in schema.fieldNames()) for r in rows]
     lh.replace_date("metrics", lh.spark.createDataFrame(recs, schema=schema), run_date,
                     extra=f"dataset = '{dataset}'")
-    report.write_evaluation(lh.paths.reports(run_date), dataset, pd.DataFrame(rows), meta)
+    files = report.write_evaluation(lh.paths.reports(run_date), dataset, pd.DataFrame(rows), meta)
+    if tables is not None:
+        files |= report.write_ablation(lh.paths.reports(run_date), dataset, tables["grid"], tables["compression"])
+    log_evaluation(lh, run_date, dataset, pd.DataFrame(rows), list(files.values()), meta["artifact_version"])
     return {"models": len({r["model_name"] for r in rows}), "metric_rows": len(rows),
             "test_lists": meta["test_lists"]}

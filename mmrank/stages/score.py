@@ -5,8 +5,9 @@ and `scoring.features` (their features; unusable embeddings quarantined, pairs w
 skipped) -> `scoring.scorer` (the model once per Spark worker, in an iterator `mapInArrow`) ->
 `scoring.writer` (rank per query, keep `score.top_n`), then one atomic `replace_date` of run_date's rows:
 readers see the old or the new complete day, never a mix. Pairs with some modalities missing are scored with
-masks, exactly as in training. `score.quantize` (or `quantize=True`) scores with the int8 copy of the model and
-suffixes the model version with `+int8`.
+masks, exactly as in training. The model is the registered `champion` (`mmrank.tracking`, chosen by the
+`promote` stage), or the latest artifact without a registry. `score.quantize` (or `quantize=True`) scores with
+the int8 copy of the model and suffixes the model version with `+int8`.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from mmrank.scoring.features import (bad_feature_rows, coverage_counts, product_
 from mmrank.scoring.scorer import QUANT_SUFFIX, load_scorer, resolve_version, score_df
 from mmrank.scoring.writer import ranking_rows, written_counts
 from mmrank.stages import stage
+from mmrank.tracking import champion_version
 
 log = logging.getLogger("mmrank.score")
 
@@ -29,12 +31,13 @@ log = logging.getLogger("mmrank.score")
 @stage("score", inputs=("query_log", "product_features", "query_features"), outputs=("ranking_scores",))
 def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, version: str | None = None, quantize: bool | None = None,
         candidates: list[str] | None = None) -> dict[str, int]:
-    """Score run_date's candidates with `version` (default: the latest artifact); counts of pairs and rows."""
+    """Score run_date's candidates with `version` (default: the registered `champion`, or the latest artifact
+    when there is no registry); counts of pairs and rows."""
     sc = lh.cfg.score
     quantize = sc.quantize if quantize is None else quantize
     artifacts_dir = str(lh.paths.artifacts)
     t0 = time.perf_counter()
-    version = resolve_version(artifacts_dir, version)
+    version = resolve_version(artifacts_dir, version or champion_version(lh))  # registered champion, else latest
     rec.model_version = model_version = version + (QUANT_SUFFIX if quantize else "")
     dims = load_scorer(artifacts_dir, version)[0].dims.as_dict()
     pf, qf = lh.read("product_features"), lh.read("query_features")

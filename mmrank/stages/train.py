@@ -1,5 +1,8 @@
 """The `train` stage: fit the fusion ranker on `training_lists` with the configured backend and data loader,
-then save the model artifact (`mmrank.ranker.artifact`) with its provenance.
+then save the model artifact (`mmrank.ranker.artifact`) with its provenance, log the run to MLflow and register
+the model as `challenger` (`mmrank.tracking`; the `promote` stage decides whether it becomes `champion`).
+With `train.pca_dim` the per-modality PCA is fitted on the train split first (`mmrank.ranker.pca`); with
+`train.prune_sparsity` the trained model is magnitude-pruned before it is saved (`mmrank.ranker.compress`).
 
 Checkpoints go to `lh.paths.checkpoints(<run key>)`; the run key covers run_date, backend, loader,
 process count, the `training_lists` version and the training settings except `max_epochs`/`patience`, so a
@@ -23,9 +26,12 @@ from pyspark.sql import functions as F
 from mmrank.config import TrainConf
 from mmrank.distributed.backends import TrainOutcome, train_with_backend, world_size_of
 from mmrank.lakehouse import Lakehouse, sql_date
-from mmrank.ranker.artifact import ArtifactError, latest_version, load_artifact, save_artifact
+from mmrank import tracking
+from mmrank.ranker.artifact import ArtifactError, latest_version, load_artifact, save_artifact, version_folder
+from mmrank.ranker.compress import prune_model
 from mmrank.ranker.fit import CHECKPOINT_FILE
-from mmrank.runs import StageRun
+from mmrank.ranker.pca import pca_init_state, train_split_moments
+from mmrank.runs import StageRun, versions
 from mmrank.stages import stage
 from mmrank.stages.training_lists import list_dims
 from mmrank.storage import remove_tree
@@ -63,7 +69,10 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
     resume = (ckpt / CHECKPOINT_FILE).exists()
     if resume:
         log.info("resuming from checkpoint in %s", ckpt)
-    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume)
+    pca = (pca_init_state(train_split_moments(lh, dims, train.list_size), dims, train.pca_dim)
+           if train.pca_dim else None)
+    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume, init_state=pca)
+    prune_model(out.model, train.prune_sparsity)
     meta = {
         "run_date": run_date.isoformat(), "backend": out.backend, "world_size": out.world_size,
         "data_loader": out.data_loader, "training_lists_version": lists_version,
@@ -76,6 +85,26 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
              out.fit.epochs_run)
     remove_tree(ckpt)
     return out, version
+
+
+DATA_TABLES = ("training_lists", "labels", "product_features", "query_features")
+
+
+def track_training(lh: Lakehouse, run_date: dt.date, version: str, out: TrainOutcome) -> str:
+    """Log the training run to MLflow, register the model and make it the `challenger` (unless it already is
+    the champion); returns what to say in the runs row."""
+    tr = tracking.tracker(lh)
+    if tr is None:
+        return "tracking disabled"
+    folder = version_folder(lh.paths.artifacts, version)
+    meta = json.loads((folder / "model.json").read_text())
+    run_id = tr.log_training(run_date, folder, meta, out.fit.history, versions(lh, DATA_TABLES))
+    ref = tr.register(run_id, version, run_date)
+    champion = tr.alias(tracking.CHAMPION)
+    if champion is not None and champion.version == ref.version:
+        return f"mlflow run {run_id}; {ref} is already champion"
+    tr.set_alias(tracking.CHALLENGER, ref)
+    return f"mlflow run {run_id}; registered {ref} as {tracking.CHALLENGER}"
 
 
 def last_trained(lh: Lakehouse, run_date: dt.date) -> tuple[str | None, dt.date | None]:
@@ -139,6 +168,7 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, backend: str | None = N
     out, version = train_and_save(lh, run_date, backend)
     by_split = dict(lh.read("training_lists").groupBy("split").count().collect())
     rec.model_version = version
+    rec.message = track_training(lh, run_date, version, out)
     return {"train_lists": int(by_split.get("train", 0)), "val_lists": int(by_split.get("validation", 0)),
             "epochs": out.fit.epochs_run, "samples_per_sec": int(round(out.fit.samples_per_sec)),
             "world_size": world_size_of(out.backend, lh.cfg.train.num_proc)}
