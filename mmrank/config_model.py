@@ -38,6 +38,10 @@ class LossSpec(_Section):
         """A loss without arguments is written as its name (configs and artifacts stay as they were)."""
         return self.name if not self.args else handler(self)
 
+    def __str__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in sorted(self.args.items()))
+        return f"{self.name}({args})" if args else self.name
+
 
 class TrainConf(_Section):
     backend: str = Field("local", description="registered training backend (mmrank.distributed.backends)")

@@ -28,6 +28,7 @@ log = logging.getLogger("mmrank.lakehouse")
 
 
 WALL_CLOCK_COLUMNS = ("ingested_at", "started_at", "finished_at", "duration_s")
+WALL_CLOCK_KEYS = ("samples_per_sec",)  # map entries (the runs `counts`) that measure speed, not data
 
 
 class ConcurrentWriteError(RuntimeError):
@@ -107,8 +108,8 @@ class Lakehouse:
         """Order-independent sha256 of the table's current rows (a multiset hash: row order, file layout and
         Delta version do not matter; any changed, added, removed or duplicated row does).
 
-        Wall-clock columns (`WALL_CLOCK_COLUMNS`: ingested_at, started_at, finished_at, duration_s) and
-        `exclude` are left out. Each row is serialised to canonical JSON (maps as sorted entries), hashed, and
+        Wall-clock columns (`WALL_CLOCK_COLUMNS`: ingested_at, started_at, finished_at, duration_s), map
+        entries that measure speed (`WALL_CLOCK_KEYS`) and `exclude` are left out. Each row is serialised to canonical JSON (maps as sorted entries), hashed, and
         the row hashes are summed as integers in Spark, so nothing is collected to the driver."""
         df = self.read(name)
         skip = set(WALL_CLOCK_COLUMNS) | set(exclude)
@@ -121,7 +122,7 @@ class Lakehouse:
                 continue
             c = F.col(f"`{f.name}`")
             if f.dataType.typeName() == "map":
-                c = F.array_sort(F.map_entries(c))
+                c = F.array_sort(F.map_entries(F.map_filter(c, lambda k, _: ~k.isin(*WALL_CLOCK_KEYS))))
             elif f.dataType.typeName() == "binary":
                 c = F.sha2(c, 256)
             cols.append(c.alias(f.name))

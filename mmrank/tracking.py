@@ -23,13 +23,15 @@ import json
 import logging
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pandas as pd
 
 from mmrank.lakehouse import Lakehouse
+from mmrank.storage import PathLike, local_path
 
 log = logging.getLogger("mmrank.tracking")
 
@@ -68,9 +70,32 @@ def locations(lh: Lakehouse) -> tuple[str, str, str | None]:
     if tc.tracking_uri:
         tracking, artifacts = tc.tracking_uri, None
     else:
-        folder = lh.paths.tracking
+        local = local_path(lh.paths.tracking)
+        if local is None:
+            raise ValueError(f"the embedded MLflow store (SQLite) needs a local or file:// storage.artifacts_dir, "
+                             f"not {lh.paths.tracking}; set tracking.tracking_uri to a tracking server")
+        folder = Path(local)
         tracking, artifacts = f"sqlite:///{folder / _DB_FILE}", (folder / "artifacts").as_uri()
     return tracking, tc.registry_uri or tracking, artifacts
+
+
+@contextmanager
+def _on_local_disk(p: PathLike) -> Iterator[Path]:
+    """`p` (a file or a flat folder) as a local path for MLflow's uploads: itself when it is local or
+    `file://`, else a temporary copy."""
+    local = local_path(p)
+    if local is not None:
+        yield Path(local)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dest = Path(tmp) / p.name
+        if p.is_dir():
+            dest.mkdir()
+            for f in p.iterdir():
+                (dest / f.name).write_bytes(f.read_bytes())
+        else:
+            dest.write_bytes(p.read_bytes())
+        yield dest
 
 
 def store_exists(lh: Lakehouse) -> bool:
@@ -130,7 +155,7 @@ class Tracker:
             self.client.log_batch(rid, metrics=metrics[i:i + 1000])
         return rid
 
-    def log_training(self, run_date: dt.date, artifact_dir: Path, meta: dict[str, Any], history: list[dict],
+    def log_training(self, run_date: dt.date, artifact_dir: PathLike, meta: dict[str, Any], history: list[dict],
                      data_versions: dict[str, int]) -> str:
         """Log one training run (see the module doc); returns its run id (the existing one for a re-run)."""
         from mlflow.entities import Metric
@@ -158,7 +183,8 @@ class Tracker:
         tags = {TAG_STAGE: "train", TAG_ARTIFACT: version, TAG_RUN_DATE: run_date.isoformat()}
         rid = self._new_run(f"train-{run_date.isoformat()}", tags, params, metrics)
         self.client.log_dict(rid, cfg.model_dump(mode="json", by_alias=True), "config.json")
-        self.client.log_artifacts(rid, str(artifact_dir), MODEL_PATH)
+        with _on_local_disk(artifact_dir) as folder:
+            self.client.log_artifacts(rid, str(folder), MODEL_PATH)
         with tempfile.TemporaryDirectory() as tmp:
             _mlmodel(meta, rid).save(str(Path(tmp) / "MLmodel"))
             self.client.log_artifact(rid, str(Path(tmp) / "MLmodel"), MODEL_PATH)
@@ -166,7 +192,7 @@ class Tracker:
         log.info("mlflow: logged training run %s for artifact %s", rid, version)
         return rid
 
-    def log_evaluation(self, run_date: dt.date, dataset: str, rows: pd.DataFrame, files: list[Path],
+    def log_evaluation(self, run_date: dt.date, dataset: str, rows: pd.DataFrame, files: list[PathLike],
                        artifact_version: str | None) -> str:
         """Log an evaluation: one metric per (model, split, metric@k), the report files as artifacts. A re-run
         of the same date and dataset replaces (deletes) the earlier run."""
@@ -185,7 +211,8 @@ class Tracker:
                             {"config_hash": self.lh.cfg.fingerprint(), "dataset": dataset}, metrics)
         for f in files:
             if f.exists():
-                self.client.log_artifact(rid, str(f), "evaluation")
+                with _on_local_disk(f) as local:
+                    self.client.log_artifact(rid, str(local), "evaluation")
         self.client.set_terminated(rid)
         return rid
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from _procs import run_killable
 from mmrank import nightly
 from mmrank.config import load_config
 from mmrank.lakehouse import Lakehouse
@@ -91,27 +92,8 @@ def submit(cluster: dict, app: str, *args: str, extra_env: dict | None = None,
     process group: spark-submit's JVM and Python) once a line matches; `on_line(line)` sees every line."""
     cmd = ["bash", str(REPO / "scripts" / "submit.sh"), "--master", cluster["master"],
            "--conf", "spark.executor.memory=1g", str(REPO / app), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**cluster["env"], **(extra_env or {})}, cwd=cluster["state"],
-                            start_new_session=True)
-    lines, t0, killed = [], time.monotonic(), False
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if on_line is not None:
-                on_line(line)
-            if kill is not None and re.search(kill[0], line):
-                time.sleep(kill[1])
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-            if time.monotonic() - t0 > SUBMIT_TIMEOUT_S:
-                break
-    finally:
-        if proc.poll() is None and not killed:
-            os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait(timeout=120)
-    out = "".join(lines)
+    rc, out, killed = run_killable(cmd, env={**cluster["env"], **(extra_env or {})}, cwd=cluster["state"],
+                                   timeout_s=SUBMIT_TIMEOUT_S, kill=kill, on_line=on_line)
     if kill is not None:
         assert killed, f"never printed /{kill[0]}/ (rc {rc}):\n{out[-4000:]}"
     return rc, out
@@ -146,7 +128,9 @@ def checksums(lh: Lakehouse) -> dict[str, str]:
 
 
 def messages(lh: Lakehouse) -> dict[str, str]:
-    return {r["stage"]: r["message"] for r in lh.read("runs").where("stage != 'report'").collect()}
+    """Each stage's runs message; MLflow run ids (random per run) masked, the report's path left out."""
+    return {r["stage"]: re.sub(r"mlflow run [0-9a-f]{32}", "mlflow run <id>", r["message"] or "")
+            for r in lh.read("runs").where("stage != 'report'").collect()}
 
 
 def assert_same_tables(lh: Lakehouse, reference: dict) -> None:

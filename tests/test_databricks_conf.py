@@ -17,11 +17,11 @@ from mmrank.stages import generate, ingest
 
 CONF = REPO_ROOT / "conf" / "databricks.yaml"
 JOB_OF_STAGE = {"ingest": "ingest", "labels": "labels", "featurize": "featurize", "training_lists": "build_lists",
-                "train": "train", "score": "score", "evaluate": "evaluate", "report": "nightly"}
-CPU_TASKS = {"ingest", "labels", "build_lists", "score", "evaluate", "report"}
+                "train": "train", "promote": "promote", "score": "score", "evaluate": "evaluate", "report": "nightly"}
+CPU_TASKS = {"ingest", "labels", "build_lists", "promote", "score", "evaluate", "report"}
 GPU_TASKS = {"featurize", "train"}
 NEEDS = {"labels": {"ingest"}, "featurize": {"ingest"}, "build_lists": {"labels", "featurize"},
-         "train": {"build_lists"}, "score": {"train", "featurize"}, "evaluate": {"score"}}
+         "train": {"build_lists"}, "promote": {"train"}, "score": {"promote", "featurize"}, "evaluate": {"score"}}
 D = dt.date(2026, 11, 21)
 
 

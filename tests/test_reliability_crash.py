@@ -23,23 +23,20 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from delta.tables import DeltaTable
 
-from mmrank.stages import featurize, labels, score, train, training_lists
+from _procs import run_killable
 from mmrank.config import load_config
-from mmrank.stages import generate, ingest
 from mmrank.lakehouse import Lakehouse
 from mmrank.ranker.artifact import LATEST_FILE
 from mmrank.runs import stage_status
+from mmrank.stages import featurize, generate, ingest, labels, score, train, training_lists
 from tests.test_encoders import tiny_bert_dir
 
 pytestmark = pytest.mark.slow
@@ -70,24 +67,7 @@ def run_and_kill(job: str, sets: list[str], pattern: str, delay: float = 0.0) ->
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
-    lines, killed, t0 = [], False, time.monotonic()
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(pattern, line):
-                time.sleep(delay)
-                os.killpg(proc.pid, signal.SIGKILL)
-                killed = True
-                break
-            if time.monotonic() - t0 > JOB_TIMEOUT_S:
-                break
-    finally:
-        if not killed and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait(timeout=60)
-    out = "".join(lines)
+    rc, out, killed = run_killable(cmd, env=env, cwd=REPO, timeout_s=JOB_TIMEOUT_S, kill=(pattern, delay))
     assert killed, f"{job}: never printed /{pattern}/ (rc {rc}):\n{out[-3000:]}"
     assert rc == -signal.SIGKILL
     return out, rc

@@ -60,7 +60,9 @@ def position_stats(events: DataFrame, lc: LabelsConf) -> DataFrame:
 
 
 def estimate_propensities(stats: DataFrame) -> np.ndarray:
-    pdf = stats.select("query_id", "product_id", "position", "n", "c").toPandas()
+    # sorted: EM's sums then run in one order whatever the partitioning, so every cluster gets the same bits
+    pdf = (stats.select("query_id", "product_id", "position", "n", "c").toPandas()
+           .sort_values(["query_id", "product_id", "position"], kind="stable", ignore_index=True))
     pdf["pair"] = pdf["query_id"] + "\u241f" + pdf["product_id"]
     return pbm_propensities(pdf)
 
@@ -77,10 +79,15 @@ def log_labels(lh: Lakehouse, stats: DataFrame, theta: np.ndarray | None) -> Dat
         stats = stats.join(F.broadcast(pos), "position", "left").fillna({"theta": float(theta[-1])})
         exam, src = F.col("theta"), "log_ipw"
         clipped = F.greatest(exam, F.lit(1.0 / lc.propensity_clip))
+    # the examination sums add up fractions: summed in position order (not shuffle order) so that every
+    # partitioning, local or on a cluster, gives the same bits
+    per_pos = F.array_sort(F.collect_list(F.struct("position", (F.col("n") * clipped).alias("e"),
+                                                   (F.col("n") * exam).alias("w"))))
     return (stats.groupBy("query_id", "product_id").agg(
-        F.sum("gain").alias("g"), F.sum(F.col("n") * clipped).alias("exam"), F.sum("n").alias("impressions"),
-        F.sum("c").alias("clicks"), F.sum("carts").alias("carts"), F.sum("purchases").alias("purchases"),
-        F.sum(F.col("n") * exam).alias("weight"))
+        F.sum("gain").alias("g"), per_pos.alias("per_pos"), F.sum("n").alias("impressions"),
+        F.sum("c").alias("clicks"), F.sum("carts").alias("carts"), F.sum("purchases").alias("purchases"))
+        .withColumn("exam", F.aggregate("per_pos", F.lit(0.0), lambda acc, x: acc + x["e"]))
+        .withColumn("weight", F.aggregate("per_pos", F.lit(0.0), lambda acc, x: acc + x["w"]))
         .where(F.col("impressions") >= lc.min_impressions)
         .select("query_id", "product_id", F.least(F.col("g") / F.col("exam"), F.lit(lc.gain_purchase)).alias("label"),
                 "weight", "impressions", "clicks", "carts", "purchases", F.lit(src).alias("source")))
