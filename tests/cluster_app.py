@@ -74,10 +74,8 @@ def train(spark, cfg) -> dict:
     ckpt = lh_td.paths.checkpoints(train_stage.run_key(run_date, lh_td.cfg.train, "torch_distributor",
                                                        lh_td.version("training_lists")))
     short = lh_td.cfg.train.model_copy(update={"max_epochs": 1})
-    sc.setJobGroup("mmrank-td-short", "torch_distributor")
     first = train_with_backend(lh_td, short, dims, checkpoint_dir=ckpt)
     ckpt_written = (ckpt / "checkpoint.pt").exists()
-    sc.setJobGroup("mmrank-td-resume", "torch_distributor")
     resumed, version = train_stage.train_and_save(lh_td, run_date)
     full = train_with_backend(lh_td, lh_td.cfg.train, dims)
     from mmrank.ranker.artifact import load_artifact
@@ -94,8 +92,9 @@ def train(spark, cfg) -> dict:
                                for k, v in full.model.state_dict().items()),
         "checkpoint": str(ckpt), "checkpoint_written": ckpt_written, "checkpoint_cleaned": not ckpt.exists(),
         "meta": [meta["backend"], meta["world_size"], meta["data_loader"]]}
-    out["tasks"] = {g: _tasks_of_group(sc, g) for g in ("mmrank-td-short", "mmrank-td-resume")}
-    out["tasks"]["horovod"] = sum(_tasks_of_group(sc, f"horovod.spark.run.{i}") for i in range(3))
+    # Horovod's ranks are the tasks of its own job groups; TorchDistributor's barrier job shares its group with
+    # the jobs that prepare the data, so its ranks are shown by its own log line (local_mode=False, executors)
+    out["tasks"] = {"horovod": sum(_tasks_of_group(sc, f"horovod.spark.run.{i}") for i in range(3))}
     return out
 
 

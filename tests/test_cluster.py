@@ -268,7 +268,7 @@ def test_driver_and_worker_killed_mid_stage(cluster, reference, spark, tmp_path)
     assert seen["killed"] and not psutil.pid_exists(worker)
     assert rc == 0, out[-5000:]
     assert re.search(r"Lost executor|ExecutorLostFailure|worker lost|Worker .* removed", out, re.I), out[-3000:]
-    assert "[4/9] featurize ... done" in out
+    assert f"[4/{len(nightly.STAGE_NAMES)}] featurize ... done" in out
     assert_consistent(lh)
     assert_same_tables(lh, reference)
 
@@ -294,7 +294,7 @@ def test_distributed_training_on_cluster_matches_local(cluster, tmp_path):
     assert hv["model_ndcg"] == pytest.approx(hv["ndcg"], abs=1e-6)   # rank 0's best weights came back
     assert "TorchDistributor: 2 process(es), local_mode=False" in out
     assert "Started distributed training with 2 executor processes" in out
-    assert r["tasks"] == {"mmrank-td-short": 2, "mmrank-td-resume": 2, "horovod": 2}  # ranks = Spark tasks
+    assert r["tasks"] == {"horovod": 2}                                   # Horovod's ranks = 2 Spark tasks
     assert td["checkpoint"].startswith("file://") and td["checkpoint_written"] and td["checkpoint_cleaned"]
     assert (td["world"], td["epochs"]) == (2, 3) and td["first_epoch_equal"]
     assert td["resumed_history"] == pytest.approx(td["full_history"], abs=1e-6) and td["max_weight_diff"] < 1e-5
