@@ -92,7 +92,7 @@ def test_nightly_from_upstream_delta_tables(spark, upstream):
     assert {r[0] for r in lh.read("products").select("source").distinct().collect()} == {"delta"}
     q = {(r["record_id"], r["reason"]) for r in lh.read("quarantine").where("stage = 'ingest_delta'").collect()}
     assert any(reason == "null_id" for _, reason in q)
-    assert ("e_bad", "bad_value:position") in q
+    assert ("query_log:e_bad", "bad_value:position") in q
     assert any(reason == "unknown_product_id" for _, reason in q)   # the judgment of an unknown product
     runs = lh.read("runs").where("stage = 'ingest'").first()
     assert runs["message"] == "source=delta" and runs["status"] == "succeeded"
