@@ -109,8 +109,9 @@ class Lakehouse:
         Delta version do not matter; any changed, added, removed or duplicated row does).
 
         Wall-clock columns (`WALL_CLOCK_COLUMNS`: ingested_at, started_at, finished_at, duration_s), map
-        entries that measure speed (`WALL_CLOCK_KEYS`) and `exclude` are left out. Each row is serialised to canonical JSON (maps as sorted entries), hashed, and
-        the row hashes are summed as integers in Spark, so nothing is collected to the driver."""
+        entries that measure speed (`WALL_CLOCK_KEYS`) and `exclude` are left out. Each row is serialised to
+        canonical JSON (maps as sorted entries), hashed, and the row hashes are summed as integers in Spark, so
+        nothing is collected to the driver."""
         df = self.read(name)
         skip = set(WALL_CLOCK_COLUMNS) | set(exclude)
         unknown = sorted(set(exclude) - set(df.columns))
