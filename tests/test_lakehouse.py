@@ -75,3 +75,16 @@ def test_track_stage_records_success_and_failure(lh):
             raise RuntimeError("boom")
     failed = lh.read("runs").where("stage = 'score'").first()
     assert failed["status"] == "failed" and "boom" in failed["message"]
+
+
+def test_checksum_ignores_speed_counts_but_not_data_counts(lh):
+    """`runs.counts` entries that measure speed (WALL_CLOCK_KEYS) do not change a checksum; data counts do."""
+    def checksum_with(counts: dict) -> str:
+        lh.overwrite("runs", lh.read("runs").limit(0))
+        with track_stage(lh, "train", D) as rec:
+            rec.counts.update(counts)
+        return lh.checksum("runs", exclude=("run_id", "config_hash"))
+
+    base = checksum_with({"train_lists": 5, "samples_per_sec": 400})
+    assert checksum_with({"train_lists": 5, "samples_per_sec": 455}) == base
+    assert checksum_with({"train_lists": 6, "samples_per_sec": 400}) != base
