@@ -123,6 +123,16 @@ class IngestConf(_Section):
     fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
     fashion_n_queries: int = Field(500, ge=1, description="queries derived by the fashion protocol")
     fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
+    grade_scale: tuple[float, float] | None = Field(
+        None, description="BYO judgments: the file's grade scale [lowest, highest]; lowest = irrelevant, mapped "
+        "linearly onto [0, 3]. None = the file's own [min, max], with a warning (jobs/ingest.py --grade-scale)")
+
+    @field_validator("grade_scale")
+    @classmethod
+    def _scale_order(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError("must be [lowest, highest] with lowest < highest")
+        return v
 
 
 class LabelsConf(_Section):
@@ -193,6 +203,31 @@ class FeaturesConf(_Section):
     audio: AudioEncoderConf = AudioEncoderConf()
 
 
+class LexicalConf(_Section):
+    """Lexical match features (`mmrank/lexical/`): tokens of the products' title, brand, category, description
+    (and all of them with the attribute values) and of typed queries; BM25 over `all` and `title`."""
+
+    bm25_k1: float = Field(1.2, gt=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    stem: bool = Field(True, description="strip plural endings (Latin-script tokens of 4+ letters)")
+
+
+class FinetuneConf(_Section):
+    """Text-tower fine-tuning on the training lists (`mmrank/ranker/finetune.py`, `jobs/finetune_text.py`)."""
+
+    mode: Literal["adapter", "top", "all"] = Field(
+        "adapter", description="adapter = a residual linear map on the pooled embedding (zero-initialised); "
+        "top = the last `top_layers` transformer layers; all = every layer")
+    top_layers: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, description="adapter learning rate; transformer layers use lr / 20")
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1, description="lists per step")
+    max_length: int = Field(32, ge=8, le=512, description="tokens per text while fine-tuning")
+    scale: float = Field(20.0, gt=0, description="cosine -> score multiplier in the ranking loss")
+    max_lists: int = Field(5000, ge=1, description="training lists used at most (seeded sample)")
+
+
 class LossSpec(_Section):
     """A ranking loss by registered name with keyword hyperparameters: `lambdarank` or
     `{name: lambdarank, args: {sigma: 2.0}}` (`mmrank.ranker.losses`)."""
@@ -221,6 +256,29 @@ class LossSpec(_Section):
         return self.name if not self.args else handler(self)
 
 
+class AlignConf(_Section):
+    """Cross-modal alignment learned from the catalog (`mmrank/ranker/align.py`): InfoNCE on each product's own
+    (text, image) and (text, audio) embeddings gives query-text <-> image / audio match features."""
+
+    enabled: bool = True
+    dim: int = Field(64, ge=4)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=2, description="pairs per step (the in-batch negatives)")
+    lr: float = Field(3e-3, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    max_pairs: int = Field(50_000, ge=2, description="products sampled at most (bounded driver memory)")
+
+
+class TuneConf(_Section):
+    """Bounded hyperparameter search on the validation split before training (`mmrank/ranker/tune.py`)."""
+
+    trials: int = Field(4, ge=0, description="settings tried (0 = off); the grid below in a seeded order")
+    lr: list[float] = [1e-3, 3e-3, 1e-2]
+    weight_decay: list[float] = [1e-4, 1e-2]
+    patience: list[int] = [5, 15]
+    max_lists: int = Field(20_000, ge=2, description="train/validation lists per trial at most (seeded sample)")
+
+
 class TrainConf(_Section):
     backend: str = Field("local", description="registered training backend (mmrank.distributed.backends)")
     num_proc: int = Field(2, ge=1)
@@ -234,6 +292,13 @@ class TrainConf(_Section):
     modality_dropout: float = Field(0.1, ge=0, lt=1)
     match_features: bool = Field(True, description="give the scorer the query-product cosines of the modalities "
                                  "both sides have (text, audio)")
+    prior: Literal["similarity", "bm25", "none"] = Field(
+        "similarity", description="score = prior_scale * prior + a learned correction that starts at 0: an "
+        "untrained model ranks exactly like the prior (similarity = cosine in the query's search modality)")
+    prior_scale: float = Field(10.0, gt=0, description="initial multiplier of the prior (learned, stays > 0)")
+    lexical_features: bool = Field(True, description="give the scorer the lexical match features (`lex`)")
+    align: AlignConf = AlignConf()
+    tune: TuneConf = TuneConf()
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(8, ge=1, description="lists per optimizer step (global, across ranks)")
@@ -315,6 +380,8 @@ class MMRankConfig(_Section):
     ingest: IngestConf = IngestConf()
     labels: LabelsConf = LabelsConf()
     features: FeaturesConf = FeaturesConf()
+    lexical: LexicalConf = LexicalConf()
+    finetune: FinetuneConf = FinetuneConf()
     train: TrainConf = TrainConf()
     score: ScoreConf = ScoreConf()
     evaluate: EvaluateConf = EvaluateConf()

@@ -1,5 +1,5 @@
-"""The nightly pipeline: generate -> ingest -> labels -> featurize -> training_lists -> train -> score -> evaluate
--> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of `mmrank.stages`;
+"""The nightly pipeline: generate -> ingest -> labels -> featurize -> lexical -> training_lists -> train -> score
+-> evaluate -> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of `mmrank.stages`;
 each stage records its own `runs` row.
 
 Resume rules (`run_nightly`):
@@ -25,7 +25,8 @@ from mmrank.config import MMRankConfig
 from mmrank.lakehouse import Lakehouse
 from mmrank.report import NIGHTLY_FILE
 from mmrank.runs import date_rows
-from mmrank.stages import evaluate, featurize, generate, ingest, labels, report, score, train, training_lists
+from mmrank.stages import (evaluate, featurize, generate, ingest, labels, lexical, report, score, train,
+                           training_lists)
 
 log = logging.getLogger("mmrank.nightly")
 
@@ -51,6 +52,7 @@ PIPELINE: tuple[Step, ...] = (
     Step(ingest.run.stage, lambda lh, d, o: ingest.run(lh, d)),
     Step(labels.run.stage, lambda lh, d, o: labels.run(lh, d)),
     Step(featurize.run.stage, lambda lh, d, o: featurize.run(lh, d)),
+    Step(lexical.run.stage, lambda lh, d, o: lexical.run(lh, d)),
     Step(training_lists.run.stage, lambda lh, d, o: training_lists.run(lh, d)),
     Step(train.run.stage, lambda lh, d, o: train.run(lh, d, force=o.force_train)),
     Step(score.run.stage, lambda lh, d, o: score.run(lh, d)),

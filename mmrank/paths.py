@@ -1,6 +1,7 @@
 """Every folder mmrank uses besides its tables, derived from the `storage` config in one place.
 
-- `artifacts`: model versions (`ranker.artifact`); `reports(run_date)`: the nightly and evaluation reports;
+- `artifacts`: model versions (`ranker.artifact`); `text_encoders`: fine-tuned text encoders
+  (`ranker.finetune`, one versioned HF folder each); `reports(run_date)`: the nightly and evaluation reports;
 - `work(*parts)`: scratch space (training checkpoints, the petastorm cache), created on demand;
 - `landing`: the raw landing zone (`sample/` is the generated sample's).
 Relative paths in config are relative to the repository root (`MMRankConfig.resolve_path`).
@@ -25,6 +26,11 @@ class StoragePaths:
     @property
     def artifacts(self) -> Path:
         return self._resolve(self.cfg.storage.artifacts_dir)
+
+    @property
+    def text_encoders(self) -> Path:
+        """`<artifacts_dir>/text_encoders/` (not created)."""
+        return self.artifacts / "text_encoders"
 
     def reports(self, run_date: dt.date) -> Path:
         """`<reports_dir>/<run_date>/` (not created)."""

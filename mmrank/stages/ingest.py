@@ -2,7 +2,7 @@
 
 Sources (`SOURCES`): `sample` (the generated landing zone, `data/sample.py`), `fashion` (the real fashion catalog,
 `data/fashion.py`; option `limit`) and `byo` (a user's catalog + judgments files, `data/byo.py`; options
-`catalog`, `judgments`, `name`). The shared checks and writes are in `data/ingest.py`.
+`catalog`, `judgments`, `name`, `grade_scale`; the grade mapping applied is recorded in the run's message). The shared checks and writes are in `data/ingest.py`.
 """
 from __future__ import annotations
 
@@ -26,4 +26,7 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, source: str = "sample",
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: use {', '.join(SOURCES)}")
     rec.message = f"source={source}"
-    return SOURCES[source](lh, run_date, **options)
+    counts = SOURCES[source](lh, run_date, **options)
+    if "grade_mapping" in counts:   # said, not guessed: the judgments' grade mapping stays with the run
+        rec.message += f"; {counts.pop('grade_mapping')}"
+    return counts

@@ -1,6 +1,10 @@
 """The `train` stage: fit the fusion ranker on `training_lists` with the configured backend and data loader,
 then save the model artifact (`mmrank.ranker.artifact`) with its provenance.
 
+Before training, the cross-modal alignment is learned from the catalog (`mmrank.ranker.align`, `train.align`) and
+a bounded hyperparameter search picks lr / weight decay / patience on the validation split
+(`mmrank.ranker.tune`, `train.tune`); both are recorded in the artifact's meta (`alignment`, `tuning`).
+
 Checkpoints go to `lh.paths.checkpoints(<run key>)`; the run key covers run_date, backend, loader,
 process count, the `training_lists` version and the training settings except `max_epochs`/`patience`, so a
 re-started run (or one given more epochs) resumes from its last checkpoint. They are deleted once the
@@ -25,8 +29,10 @@ from pyspark.sql import functions as F
 from mmrank.config import TrainConf
 from mmrank.distributed.backends import TrainOutcome, train_with_backend, world_size_of
 from mmrank.lakehouse import Lakehouse, sql_date
+from mmrank.ranker.align import alignment_state
 from mmrank.ranker.artifact import ArtifactError, latest_version, load_artifact, save_artifact
 from mmrank.ranker.fit import CHECKPOINT_FILE
+from mmrank.ranker.tune import tune_from_lists
 from mmrank.runs import StageRun
 from mmrank.stages import stage
 from mmrank.stages.training_lists import list_dims
@@ -59,18 +65,21 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
     train = lh.cfg.train
     backend = backend or train.backend
     dims = list_dims(lh)
+    align, align_info = alignment_state(lh, train.align, dims, train.seed) or (None, None)
+    train, tuning = tune_from_lists(lh, train, dims, align)   # train.tune: lr / weight decay / patience
     lists_version = lh.version("training_lists")
     ckpt: Path = lh.paths.checkpoints(run_key(run_date, train, backend, lists_version))
     resume = (ckpt / CHECKPOINT_FILE).exists()
     if resume:
         log.info("resuming from checkpoint in %s", ckpt)
-    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume)
+    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume, align=align)
     meta = {
         "run_date": run_date.isoformat(), "backend": out.backend, "world_size": out.world_size,
         "data_loader": out.data_loader, "training_lists_version": lists_version,
         "encoder_versions": encoder_versions(lh), "val_metrics": out.fit.best_metrics,
         "best_epoch": out.fit.best_epoch, "epochs_run": out.fit.epochs_run,
-        "samples_per_sec": out.fit.samples_per_sec,
+        "samples_per_sec": out.fit.samples_per_sec, "initial_val_metrics": out.fit.initial_metrics,
+        "tuning": tuning, "alignment": align_info,
     }
     version = save_artifact(out.model, meta, lh.paths.artifacts)
     log.info("train %s: saved model artifact %s (best epoch %d of %d)", run_date, version, out.fit.best_epoch + 1,
