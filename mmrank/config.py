@@ -15,17 +15,18 @@ from pydantic import ValidationError
 
 from mmrank.config_base import DEFAULT_CONF, REPO_ROOT, VALIDATION_METRICS, ConfigError, _Section, check_path
 from mmrank.config_data import (UPSTREAM_COLUMNS, AudioEncoderConf, ByoSourceConf, DeltaSourceConf,
-                                FeaturesConf, GeneratorConf, ImageEncoderConf, IngestConf, LabelsConf, SparkConf,
-                                StorageConf, TextEncoderConf, UpstreamTable)
-from mmrank.config_model import EvaluateConf, LossSpec, ScoreConf, TrackingConf, TrainConf
+                                FeaturesConf, FinetuneConf, GeneratorConf, ImageEncoderConf, IngestConf, LabelsConf,
+                                LexicalConf, SparkConf, StorageConf, TextEncoderConf, UpstreamTable)
+from mmrank.config_model import AlignConf, EvaluateConf, LossSpec, ScoreConf, TrackingConf, TrainConf, TuneConf
 
 if TYPE_CHECKING:
     from mmrank.storage import PathLike
 
-__all__ = ["DEFAULT_CONF", "REPO_ROOT", "UPSTREAM_COLUMNS", "VALIDATION_METRICS", "AudioEncoderConf",
-           "ByoSourceConf", "ConfigError", "DeltaSourceConf", "EvaluateConf", "FeaturesConf", "GeneratorConf", "ImageEncoderConf", "IngestConf",
-           "LabelsConf", "LossSpec", "MMRankConfig", "ScoreConf", "SparkConf", "StorageConf", "TextEncoderConf",
-           "TrackingConf", "TrainConf", "UpstreamTable", "check_path", "load_config"]
+__all__ = ["DEFAULT_CONF", "REPO_ROOT", "UPSTREAM_COLUMNS", "VALIDATION_METRICS", "AlignConf", "AudioEncoderConf",
+           "ByoSourceConf", "ConfigError", "DeltaSourceConf", "EvaluateConf", "FeaturesConf", "FinetuneConf",
+           "GeneratorConf", "ImageEncoderConf", "IngestConf", "LabelsConf", "LexicalConf", "LossSpec", "MMRankConfig",
+           "ScoreConf", "SparkConf", "StorageConf", "TextEncoderConf", "TrackingConf", "TrainConf", "TuneConf",
+           "UpstreamTable", "check_path", "load_config"]
 
 
 class MMRankConfig(_Section):
@@ -38,6 +39,8 @@ class MMRankConfig(_Section):
     ingest: IngestConf = IngestConf()
     labels: LabelsConf = LabelsConf()
     features: FeaturesConf = FeaturesConf()
+    lexical: LexicalConf = LexicalConf()
+    finetune: FinetuneConf = FinetuneConf()
     train: TrainConf = TrainConf()
     score: ScoreConf = ScoreConf()
     evaluate: EvaluateConf = EvaluateConf()

@@ -151,6 +151,16 @@ class IngestConf(_Section):
     fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
     fashion_n_queries: int = Field(500, ge=1, description="queries derived by the fashion protocol")
     fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
+    grade_scale: tuple[float, float] | None = Field(
+        None, description="BYO judgments: the file's grade scale [lowest, highest]; lowest = irrelevant, mapped "
+        "linearly onto [0, 3]. None = the file's own [min, max], with a warning (jobs/ingest.py --grade-scale)")
+
+    @field_validator("grade_scale")
+    @classmethod
+    def _scale_order(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not v[0] < v[1]:
+            raise ValueError("must be [lowest, highest] with lowest < highest")
+        return v
 
     @model_validator(mode="after")
     def _source_configured(self) -> "IngestConf":
@@ -239,3 +249,28 @@ class FeaturesConf(_Section):
     text: TextEncoderConf = TextEncoderConf()
     image: ImageEncoderConf = ImageEncoderConf()
     audio: AudioEncoderConf = AudioEncoderConf()
+
+
+class LexicalConf(_Section):
+    """Lexical match features (`mmrank/lexical/`): tokens of the products' title, brand, category, description
+    (and all of them with the attribute values) and of typed queries; BM25 over `all` and `title`."""
+
+    bm25_k1: float = Field(1.2, gt=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    stem: bool = Field(True, description="strip plural endings (Latin-script tokens of 4+ letters)")
+
+
+class FinetuneConf(_Section):
+    """Text-tower fine-tuning on the training lists (`mmrank/ranker/finetune.py`, `jobs/finetune_text.py`)."""
+
+    mode: Literal["adapter", "top", "all"] = Field(
+        "adapter", description="adapter = a residual linear map on the pooled embedding (zero-initialised); "
+        "top = the last `top_layers` transformer layers; all = every layer")
+    top_layers: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0, description="adapter learning rate; transformer layers use lr / 20")
+    epochs: int = Field(10, ge=1)
+    patience: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1, description="lists per step")
+    max_length: int = Field(32, ge=8, le=512, description="tokens per text while fine-tuning")
+    scale: float = Field(20.0, gt=0, description="cosine -> score multiplier in the ranking loss")
+    max_lists: int = Field(5000, ge=1, description="training lists used at most (seeded sample)")

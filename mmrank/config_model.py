@@ -43,6 +43,29 @@ class LossSpec(_Section):
         return f"{self.name}({args})" if args else self.name
 
 
+class AlignConf(_Section):
+    """Cross-modal alignment learned from the catalog (`mmrank/ranker/align.py`): InfoNCE on each product's own
+    (text, image) and (text, audio) embeddings gives query-text <-> image / audio match features."""
+
+    enabled: bool = True
+    dim: int = Field(64, ge=4)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=2, description="pairs per step (the in-batch negatives)")
+    lr: float = Field(3e-3, gt=0)
+    temperature: float = Field(0.07, gt=0)
+    max_pairs: int = Field(50_000, ge=2, description="products sampled at most (bounded driver memory)")
+
+
+class TuneConf(_Section):
+    """Bounded hyperparameter search on the validation split before training (`mmrank/ranker/tune.py`)."""
+
+    trials: int = Field(4, ge=0, description="settings tried (0 = off); the grid below in a seeded order")
+    lr: list[float] = [1e-3, 3e-3, 1e-2]
+    weight_decay: list[float] = [1e-4, 1e-2]
+    patience: list[int] = [5, 15]
+    max_lists: int = Field(20_000, ge=2, description="train/validation lists per trial at most (seeded sample)")
+
+
 class TrainConf(_Section):
     backend: str = Field("local", description="registered training backend (mmrank.distributed.backends)")
     num_proc: int = Field(2, ge=1)
@@ -61,6 +84,13 @@ class TrainConf(_Section):
     modality_dropout: float = Field(0.1, ge=0, lt=1)
     match_features: bool = Field(True, description="give the scorer the query-product cosines of the modalities "
                                  "both sides have (text, audio)")
+    prior: Literal["similarity", "bm25", "none"] = Field(
+        "similarity", description="score = prior_scale * prior + a learned correction that starts at 0: an "
+        "untrained model ranks exactly like the prior (similarity = cosine in the query's search modality)")
+    prior_scale: float = Field(10.0, gt=0, description="initial multiplier of the prior (learned, stays > 0)")
+    lexical_features: bool = Field(True, description="give the scorer the lexical match features (`lex`)")
+    align: AlignConf = AlignConf()
+    tune: TuneConf = TuneConf()
     lr: float = Field(3e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(8, ge=1, description="lists per optimizer step (global, across ranks)")

@@ -198,9 +198,10 @@ class Lakehouse:
         self.replace(name, df, where)
 
     def overwrite(self, name: str, df: DataFrame) -> None:
-        """Replace the whole table in one commit."""
+        """Replace the whole table in one commit (its schema too: a table written before its contract gained a
+        column, e.g. `training_lists.p_lex`, takes the current contract)."""
         self.ensure(name)
-        self._save(name, self._writer(name, self.conform(name, df), "overwrite"))
+        self._save(name, self._writer(name, self.conform(name, df), "overwrite").option("overwriteSchema", "true"))
 
     def append(self, name: str, df: DataFrame) -> None:
         self.ensure(name)

@@ -1,6 +1,6 @@
-"""The nightly pipeline: generate -> ingest -> labels -> featurize -> training_lists -> train -> promote ->
-score -> evaluate -> report, one run_date at a time, resumable. It only orders, skips and resumes the stages of
-`mmrank.stages`; each stage records its own `runs` row.
+"""The nightly pipeline: generate -> ingest -> labels -> featurize -> lexical -> training_lists -> train ->
+promote -> score -> evaluate -> report, one run_date at a time, resumable. It only orders, skips and resumes the
+stages of `mmrank.stages`; each stage records its own `runs` row.
 
 Resume rules (`run_nightly`):
 - a stage whose row for this run_date is `succeeded` is skipped, unless forced;
@@ -25,7 +25,7 @@ from mmrank.config import MMRankConfig
 from mmrank.lakehouse import Lakehouse
 from mmrank.report import NIGHTLY_FILE
 from mmrank.runs import date_rows
-from mmrank.stages import (evaluate, featurize, generate, ingest, labels, promote, report, score, train,
+from mmrank.stages import (evaluate, featurize, generate, ingest, labels, lexical, promote, report, score, train,
                            training_lists)
 
 
@@ -51,6 +51,7 @@ PIPELINE: tuple[Step, ...] = (
     Step(ingest.run.stage, lambda lh, d, o: ingest.run(lh, d)),
     Step(labels.run.stage, lambda lh, d, o: labels.run(lh, d)),
     Step(featurize.run.stage, lambda lh, d, o: featurize.run(lh, d)),
+    Step(lexical.run.stage, lambda lh, d, o: lexical.run(lh, d)),
     Step(training_lists.run.stage, lambda lh, d, o: training_lists.run(lh, d)),
     Step(train.run.stage, lambda lh, d, o: train.run(lh, d, force=o.force_train)),
     Step(promote.run.stage, lambda lh, d, o: promote.run(lh, d)),

@@ -1,6 +1,7 @@
 """Every folder mmrank uses besides its tables, derived from the `storage` config in one place.
 
 - `artifacts`: model versions (`ranker.artifact`); `tracking`: the embedded MLflow store (`mmrank.tracking`);
+  `text_encoders`: fine-tuned text encoders (`ranker.finetune`, one versioned HF folder each);
   `reports(run_date)`: the nightly and evaluation reports;
 - `work(*parts)`: scratch space (training checkpoints, the petastorm cache), created on demand;
 - `landing`: the raw landing zone (`sample/` is the generated sample's).
@@ -36,6 +37,11 @@ class StoragePaths:
     def tracking(self) -> PathLike:
         """The embedded MLflow tracking store and registry (SQLite + run artifacts), when no URI is configured."""
         return self.artifacts / "mlflow"
+
+    @property
+    def text_encoders(self) -> PathLike:
+        """`<artifacts_dir>/text_encoders/` (not created)."""
+        return self.artifacts / "text_encoders"
 
     def reports(self, run_date: dt.date) -> PathLike:
         """`<reports_dir>/<run_date>/` (not created)."""

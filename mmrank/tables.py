@@ -84,14 +84,29 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
         keys=("query_id", "modality"), not_null=("query_id", "modality", "embedding", "encoder_version"),
         doc="One embedding per query: typed queries through the text encoder, voice queries through audio."),
     TableSpec(
+        "lexical_tokens",
+        "kind string, id string, field string, tokens array<string>, units array<string>, n_tokens int, "
+        "content_hash string, run_date date",
+        keys=("kind", "id", "field"), not_null=("kind", "id", "field", "tokens", "content_hash"),
+        doc="Tokens of every product field (`title`, `brand`, `category`, `description`, `all`) and typed query "
+            "(`query`) for lexical matching (`mmrank/lexical/`); `units` = number+unit tokens (`3/4in`). MERGEd "
+            "incrementally like the embeddings: only changed text (or a new tokenizer) is re-tokenized."),
+    TableSpec(
+        "lexical_stats",
+        "field string, term string, df long, n_docs long, avg_len double, run_date date",
+        keys=("field", "term"), not_null=("field", "term", "df", "n_docs", "avg_len"),
+        doc="BM25 corpus statistics of the catalog: document frequency of each term of the `all` and `title` "
+            "fields, with the field's document count and mean length. Recomputed (one commit) when tokens change."),
+    TableSpec(
         "training_lists",
         f"query_id string, split string, list_len int, product_ids array<string>, grades {_EMB}, "
         f"q_text {_EMB}, q_audio {_EMB}, q_mask {_EMB}, p_text {_EMB}, p_image {_EMB}, p_audio {_EMB}, "
-        f"p_mask {_EMB}, run_date date",
+        f"p_mask {_EMB}, p_lex {_EMB}, run_date date",
         keys=("query_id",), not_null=("query_id", "split", "list_len"),
         doc="One row per query: a fixed-size list (train.list_size, padded with grade -1) of candidates with "
             "grades and flattened per-modality features (`p_*` is list_size x dim, `p_mask` list_size x 3, "
-            "`q_mask` 2 for text/audio). Split by query into train/validation/test."),
+            "`q_mask` 2 for text/audio, `p_lex` list_size x the lexical features of `mmrank.lexical.features`). "
+            "Split by query into train/validation/test."),
     TableSpec(
         "ranking_scores",
         "run_date date, query_id string, product_id string, score float, rank int, model_version string, "

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmrank.config import TrainConf
+from mmrank.lexical import N_LEX
 from mmrank.modalities import ModalityDims
 from mmrank.ranker.artifact import WEIGHTS_FILE, ArtifactError, latest_version, load_artifact, save_artifact
 from mmrank.ranker.batch import PAD_GRADE, batch_from_arrays, iterate_batches, make_collate, rows_to_batch
@@ -39,7 +40,9 @@ def random_batch(seed=0, p_mask=None, q_mask=None):
 
 
 def model(fusion="gated", seed=0, **kw):
+    """The fusion architecture alone (no prior, lexical or aligned inputs: tests/test_prior_residual.py)."""
     torch.manual_seed(seed)
+    kw = {"prior": "none", "lexical_features": False, "align": {"enabled": False}, **kw}
     return FusionRanker(DIMS, TrainConf(fusion=fusion, **SMALL, **kw)).eval()
 
 
@@ -57,7 +60,7 @@ def test_rows_to_batch_reshapes_pads_and_masks_missing_modalities():
     b = rows_to_batch(rows, DIMS, list_size=3)
     assert {k: tuple(v.shape) for k, v in b.items()} == {
         "q_text": (2, 6), "q_audio": (2, 4), "q_mask": (2, 2), "p_text": (2, 3, 6), "p_image": (2, 3, 5),
-        "p_audio": (2, 3, 4), "p_mask": (2, 3, 3), "grades": (2, 3)}
+        "p_audio": (2, 3, 4), "p_mask": (2, 3, 3), "p_lex": (2, 3, N_LEX), "grades": (2, 3)}
     assert b["grades"].tolist() == [[2.0, 0.0, -1.0], [1.0, -1.0, -1.0]]
     assert b["q_mask"].tolist() == [[1.0, 0.0], [0.0, 1.0]]                 # null mask inferred from features
     assert b["p_mask"].tolist() == [[[1, 1, 0], [1, 0, 0], [0, 0, 0]], [[1, 0, 1], [0, 0, 0], [0, 0, 0]]]
@@ -153,7 +156,7 @@ def test_single_modality_model_ignores_other_modalities():
 def test_match_features_are_cosines_of_present_matching_modalities():
     q_mask = np.array([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]])                   # list 1: voice query (no text)
     m, b = model("gated"), random_batch(p_mask=np.ones((B, L, 3)), q_mask=q_mask)
-    match = m.encode(b)[3]
+    match = m.encode(b)[3][..., :m.n_match]
     cos = lambda mod: torch.nn.functional.cosine_similarity(b[f"q_{mod}"][:, None], b[f"p_{mod}"], dim=-1)
     assert match.shape == (B, L, 2)
     assert torch.allclose(match[0], torch.stack([cos("text")[0], cos("audio")[0]], -1), atol=1e-6)
@@ -165,7 +168,7 @@ def test_match_features_are_cosines_of_present_matching_modalities():
     assert text_only.encode(twin)[3][0, 0, 0] == pytest.approx(1.0, abs=1e-6)
     assert text_only(twin)[0, 0] != text_only(b)[0, 0]
     without = model("gated", match_features=False)
-    assert without.encode(b)[3].shape == (B, L, 0) and without(b).shape == (B, L)
+    assert without.n_match == 0 and without.encode(b)[3].shape == (B, L, 1) and without(b).shape == (B, L)
 
 
 def test_modality_dropout_never_drops_everything():

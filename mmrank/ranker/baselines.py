@@ -1,11 +1,14 @@
-"""Non-neural baselines scored on the batch contract: similarity (unsupervised) and LightGBM LambdaMART.
+"""Non-neural baselines scored on the batch contract: similarity and BM25 (unsupervised), LightGBM LambdaMART.
 
-Both return scores `[B, L]` (numpy) for a batch; padding slots get -inf (metrics rank padding last anyway).
+All return scores `[B, L]` (numpy) for a batch; padding slots get -inf (metrics rank padding last anyway).
 
 LightGBM features per (query, product) pair, chosen so the trees see the same information as the fusion
-model: the cosine similarities query-text/product-text and query-audio/product-audio, the 5 modality masks,
-and every raw embedding (query text/audio, product text/image/audio) reduced by a PCA fitted on the training
-split only (`evaluate.lgbm_pca_dim` components each). Grades are rounded to integers for LambdaMART.
+model: the cosine similarities query-text/product-text and query-audio/product-audio, the aligned cross-modal
+cosines (query-text/product-image and /product-audio, when an alignment is given: `mmrank.ranker.align`), the
+lexical match features (`p_lex`), the 5 modality masks, and every raw embedding (query text/audio, product
+text/image/audio) reduced by a PCA fitted on the training split only (`evaluate.lgbm_pca_dim` components
+each). LambdaMART labels are grades in half steps (label = round(2 grade), label_gain 2^(label/2) - 1: the
+evaluation's exponential gain, exact for grades like 0.5 from a rescaled 1-3 judgment scale).
 """
 from __future__ import annotations
 
@@ -14,12 +17,15 @@ import numpy as np
 from sklearn.decomposition import PCA
 
 from mmrank.config import EvaluateConf
+from mmrank.lexical import BM25_ALL, N_LEX
 from mmrank.modalities import QUERY_MODALITIES, l2_normalize, search_choice
 from mmrank.ranker.batch import PAD_GRADE, Batch
 
 
 _EMBEDDINGS = ("q_text", "q_audio", "p_text", "p_image", "p_audio")
-_MAX_LABEL = 30  # LightGBM's default label_gain covers grades 0..30
+_STEPS = 2                                                       # label = round(_STEPS * grade)
+_MAX_LABEL = 60
+_LABEL_GAIN = [2.0 ** (i / _STEPS) - 1.0 for i in range(_MAX_LABEL + 1)]  # = the metrics' gain of grade i / 2
 
 
 def _np(t) -> np.ndarray:
@@ -45,11 +51,23 @@ def similarity_scores(batch: Batch) -> np.ndarray:
     return np.where(_real(batch), s, -np.inf)
 
 
-class LambdaMART:
-    """`lightgbm.LGBMRanker(objective="lambdarank")` on cosine + mask + PCA-embedding pair features."""
+def lexical(batch: Batch) -> np.ndarray:
+    """[B, L, N_LEX] lexical features of the batch (zeros when it has none)."""
+    lex = batch.get("p_lex")
+    return _np(lex) if lex is not None else np.zeros((*batch["grades"].shape, N_LEX))
 
-    def __init__(self, cfg: EvaluateConf, seed: int):
-        self.cfg, self.seed = cfg, seed
+
+def bm25_scores(batch: Batch) -> np.ndarray:
+    """Unsupervised lexical baseline: BM25 of the query over the product's text fields (`all`)."""
+    return np.where(_real(batch), lexical(batch)[..., BM25_ALL], -np.inf)
+
+
+class LambdaMART:
+    """`lightgbm.LGBMRanker(objective="lambdarank")` on cosine + aligned cosine + lexical + mask + PCA-embedding
+    pair features. `align`: the learned cross-modal projections (`mmrank.ranker.align.fit_alignment`), or None."""
+
+    def __init__(self, cfg: EvaluateConf, seed: int, align: dict | None = None):
+        self.cfg, self.seed, self.align = cfg, seed, align
         self.pca: dict[str, PCA | None] = {}
         self.model = None
 
@@ -64,8 +82,12 @@ class LambdaMART:
     def features(self, batch: Batch) -> np.ndarray:
         """[B * L, F] pair features in row-major slot order."""
         B, L = batch["grades"].shape
-        cols = [cosine(batch, "text")[..., None], cosine(batch, "audio")[..., None], _np(batch["p_mask"]),
-                np.broadcast_to(_np(batch["q_mask"])[:, None, :], (B, L, 2))]
+        from mmrank.ranker.align import aligned_cosines
+
+        cols = [cosine(batch, "text")[..., None], cosine(batch, "audio")[..., None], lexical(batch),
+                _np(batch["p_mask"]), np.broadcast_to(_np(batch["q_mask"])[:, None, :], (B, L, 2))]
+        if self.align is not None:
+            cols.append(aligned_cosines(batch, self.align))
         for name in _EMBEDDINGS:
             x = _np(batch[name])
             flat = x.reshape(-1, x.shape[-1])
@@ -76,7 +98,7 @@ class LambdaMART:
 
     def _xyg(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         real = _real(batch).reshape(-1)
-        y = np.clip(np.rint(_np(batch["grades"])), 0, _MAX_LABEL).astype(int).reshape(-1)
+        y = np.clip(np.rint(_STEPS * _np(batch["grades"])), 0, _MAX_LABEL).astype(int).reshape(-1)
         return self.features(batch)[real], y[real], _real(batch).sum(axis=1)
 
     def fit(self, train: Batch, val: Batch | None = None) -> "LambdaMART":
@@ -85,7 +107,7 @@ class LambdaMART:
         self._fit_pca(train)
         x, y, g = self._xyg(train)
         self.model = lgb.LGBMRanker(objective="lambdarank", random_state=self.seed, verbose=-1,
-                                    **self.cfg.lgbm_params)
+                                    label_gain=_LABEL_GAIN, **self.cfg.lgbm_params)
         kw: dict = {}
         if val:
             xv, yv, gv = self._xyg(val)

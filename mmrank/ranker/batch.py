@@ -4,9 +4,11 @@ A batch is a dict of float32 tensors::
 
     q_text [B, Dt]  q_audio [B, Da]  q_mask [B, 2]          (query modalities: text, audio)
     p_text [B, L, Dt]  p_image [B, L, Di]  p_audio [B, L, Da]  p_mask [B, L, 3]   (text, image, audio)
+    p_lex [B, L, N_LEX]   lexical match features (`mmrank.lexical.features.LEX_FEATURES`), 0 for padding
     grades [B, L]   padding slots have grade PAD_GRADE (-1) and p_mask all 0
 
-Absent modalities are zero vectors with mask 0. Scoring single pairs uses L = 1.
+Absent modalities are zero vectors with mask 0; a row without `p_lex` (older lists) gets zeros. Scoring single
+pairs uses L = 1.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from mmrank.lexical import N_LEX
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims
 
 PAD_GRADE = -1.0
-BATCH_KEYS = ("q_text", "q_audio", "q_mask", "p_text", "p_image", "p_audio", "p_mask", "grades")
+BATCH_KEYS = ("q_text", "q_audio", "q_mask", "p_text", "p_image", "p_audio", "p_mask", "p_lex", "grades")
 
 Batch = dict[str, torch.Tensor]
 
@@ -69,6 +72,7 @@ def _row_arrays(row: Mapping[str, Any], dims: ModalityDims, list_size: int) -> d
         p_mask[:, i] = float(present) * real * (p_mask[:, i] if p_mask_flat.size else 1.0)
         out[f"p_{m}"] = np.where(p_mask[:, i : i + 1] > 0, feats, 0.0).astype(np.float32)
     out["q_mask"], out["p_mask"] = q_mask, p_mask
+    out["p_lex"] = _fit_rows(_flat(row.get("p_lex")), list_size, N_LEX) * real[:, None]
     return out
 
 
@@ -86,7 +90,8 @@ def rows_to_batch(rows: Any, dims: ModalityDims, list_size: int) -> Batch:
     """Reshape flattened `training_lists` rows into the batch contract.
 
     `rows`: a pandas DataFrame, a dict of columns (each a sequence with one array per row) or a list of row
-    dicts, with columns `grades, q_text, q_audio, q_mask, p_text, p_image, p_audio, p_mask` (others ignored).
+    dicts, with columns `grades, q_text, q_audio, q_mask, p_text, p_image, p_audio, p_mask` and optionally
+    `p_lex` (others ignored).
     Null/empty feature arrays (missing modality) become zeros; the corresponding mask bits are forced to 0
     when the mask column is null too. Lists longer than `list_size` are truncated, shorter ones padded with
     grade PAD_GRADE and mask 0. Features of masked-out slots are zeroed.
@@ -104,15 +109,17 @@ def _zero_where_absent(arr: np.ndarray, mask: torch.Tensor) -> torch.Tensor:
 
 def batch_from_arrays(*, q_text: np.ndarray, q_audio: np.ndarray, q_mask: np.ndarray, p_text: np.ndarray,
                       p_image: np.ndarray, p_audio: np.ndarray, p_mask: np.ndarray,
-                      grades: np.ndarray | None = None) -> Batch:
-    """Batch from already-shaped arrays (see module doc for shapes). `grades=None` -> zeros (pure scoring).
+                      grades: np.ndarray | None = None, p_lex: np.ndarray | None = None) -> Batch:
+    """Batch from already-shaped arrays (see module doc for shapes). `grades=None` -> zeros (pure scoring);
+    `p_lex=None` -> zeros.
 
     Features of masked-out modalities are zeroed so the contract holds whatever the caller passed.
     """
     p_mask_t = torch.as_tensor(np.asarray(p_mask, np.float32))
     q_mask_t = torch.as_tensor(np.asarray(q_mask, np.float32))
     g = np.zeros(p_mask_t.shape[:2], np.float32) if grades is None else np.asarray(grades, np.float32)
-    out: Batch = {"q_mask": q_mask_t, "p_mask": p_mask_t, "grades": torch.as_tensor(g)}
+    lex = np.zeros((*p_mask_t.shape[:2], N_LEX), np.float32) if p_lex is None else np.asarray(p_lex, np.float32)
+    out: Batch = {"q_mask": q_mask_t, "p_mask": p_mask_t, "grades": torch.as_tensor(g), "p_lex": torch.as_tensor(lex)}
     for i, (name, arr) in enumerate((("q_text", q_text), ("q_audio", q_audio))):
         out[name] = _zero_where_absent(arr, q_mask_t[:, i])
     for i, (name, arr) in enumerate((("p_text", p_text), ("p_image", p_image), ("p_audio", p_audio))):

@@ -45,7 +45,8 @@ DataFn = Callable[[int], Iterable[Batch]]
 
 @dataclass
 class FitResult:
-    """Outcome of `fit`. `best_metrics`: validation metrics (VAL_KEYS, rule `skip`) of the kept weights.
+    """Outcome of `fit`. `best_metrics`: validation metrics (VAL_KEYS, rule `skip`) of the kept weights;
+    `best_epoch` -1 = no epoch beat the untrained model (`initial_metrics`), which is kept.
     `history`: one dict per epoch with `epoch`, `train_loss`, `val_<metric>`, `train_lists`, `seconds`."""
 
     best_metrics: dict[str, float]
@@ -54,6 +55,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     samples_per_sec: float = 0.0
     stopped_early: bool = False
+    initial_metrics: dict[str, float] = field(default_factory=dict)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -199,8 +201,10 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     applied to a float64 tensor of sums/counts (train loss and validation metrics); it may sum or average.
     Rank 0 writes `checkpoint_dir/checkpoint.pt` after every epoch (model, optimizer, epoch, best metric and
     weights, history, RNG state); `resume=True` continues after the last checkpointed epoch (every rank reads
-    it). `on_epoch_end(epoch, record)` may return True to stop. At the end the model holds the best weights
-    (best validation value of that metric; the first epoch's if validation never had a relevant item), in eval mode.
+    it). `on_epoch_end(epoch, record)` may return True to stop. The untrained model is validated first and is the
+    one to beat: an epoch's weights are kept only when they improve on it (a model whose untrained ranking is a
+    prior never ends below that prior on validation). At the end the model holds the best weights (best validation
+    value of that metric; the first epoch's if validation never had a relevant item), in eval mode.
     `world_size` is informational (data sharding is the data callables' job).
     """
     loss_fn = get_loss(loss or cfg.loss) if loss is None or isinstance(loss, str) else loss
@@ -214,13 +218,14 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     watch = cfg.early_stopping_metric
     start, best, best_epoch, bad, history = 0, float("nan"), -1, 0, []
     best_state, best_metrics, stopped = _state_copy(model), {k: float("nan") for k in VAL_KEYS}, False
+    initial: dict[str, float] = {}
     ckpt = load_checkpoint(checkpoint_dir) if resume and checkpoint_dir else None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start, best, best_epoch, bad = ckpt["epoch"] + 1, ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
         history, best_state, best_metrics = ckpt["history"], ckpt["best_model"], ckpt["best_metrics"]
-        stopped = ckpt["stopped"]
+        stopped, initial = ckpt["stopped"], ckpt.get("initial_metrics", {})
         torch.set_rng_state(ckpt["rng"])
         if amp.scaler is not None and ckpt.get("scaler"):
             amp.scaler.load_state_dict(ckpt["scaler"])
@@ -232,6 +237,9 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     torch.set_num_threads(cfg.torch_threads)  # small MLP: more threads only fight Spark's workers for cores
     train_seconds, train_lists = 0.0, 0
     try:
+        if ckpt is None:  # the untrained model is the one to beat
+            initial = _metrics_from_sums(_reduce(validation_sums(model, val_data(0)), allreduce))
+            best, best_metrics = initial[watch], dict(initial)
         for epoch in range(start, cfg.max_epochs):
             if stopped:
                 break
@@ -257,7 +265,8 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
                     "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
                     "best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "best_model": best_state,
                     "best_metrics": best_metrics, "history": history, "stopped": stopped,
-                    "rng": torch.get_rng_state(), "scaler": amp.scaler.state_dict() if amp.scaler else {}})
+                    "initial_metrics": initial, "rng": torch.get_rng_state(),
+                    "scaler": amp.scaler.state_dict() if amp.scaler else {}})
             if rank == 0:
                 log.info("epoch %d/%d done: train_loss %.4f val_%s %.4f%s", epoch + 1, cfg.max_epochs,
                          record["train_loss"], watch, metrics[watch],
@@ -269,7 +278,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     model.eval()
     return FitResult(best_metrics=dict(best_metrics), best_epoch=best_epoch, epochs_run=len(history),
                      history=list(history), samples_per_sec=train_lists / train_seconds if train_seconds else 0.0,
-                     stopped_early=stopped)
+                     stopped_early=stopped, initial_metrics=dict(initial))
 
 
 def batches_fn(batch: Batch, batch_size: int, shuffle: bool, seed: int) -> DataFn:
@@ -277,9 +286,11 @@ def batches_fn(batch: Batch, batch_size: int, shuffle: bool, seed: int) -> DataF
     return lambda epoch: iterate_batches(batch, batch_size, shuffle=shuffle, seed=seed + epoch)
 
 
-def build_model(dims: ModalityDims, cfg: TrainConf, init_state: dict[str, np.ndarray] | None = None) -> FusionRanker:
+def build_model(dims: ModalityDims, cfg: TrainConf, init_state: dict[str, np.ndarray] | None = None,
+                align: dict | None = None) -> FusionRanker:
     """FusionRanker with weights initialised from `cfg.seed` (same seed -> same initial weights), then the
-    entries of `init_state` (e.g. the fitted `pca.*` buffers) copied in."""
+    entries of `init_state` (e.g. the fitted `pca.*` buffers) copied in and, with `cfg.align.enabled`, the
+    learned cross-modal projections `align` (`mmrank.ranker.align`) when given."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = FusionRanker(dims, cfg)
@@ -289,18 +300,20 @@ def build_model(dims: ModalityDims, cfg: TrainConf, init_state: dict[str, np.nda
         if unknown:
             raise KeyError(f"init_state has entries the model does not: {unknown}")
         model.load_state_dict({**state, **{k: torch.as_tensor(np.asarray(v)) for k, v in init_state.items()}})
+    if align is not None and cfg.align.enabled:
+        model.set_alignment({k: torch.as_tensor(v) for k, v in align.items()})
     return model
 
 
 def train_local(train_batches: Batch, val_batches: Batch, dims: ModalityDims, cfg: TrainConf,
-                **fit_kwargs) -> tuple[FusionRanker, FitResult]:
+                align: dict | None = None, **fit_kwargs) -> tuple[FusionRanker, FitResult]:
     """Single-process training on in-memory batch dicts; returns (best model in eval mode, FitResult). With
     `cfg.pca_dim` the PCA is fitted on `train_batches`; with `cfg.prune_sparsity` the result is pruned."""
     from mmrank.ranker.compress import prune_model
     from mmrank.ranker.pca import moments_of_batch, pca_init_state
 
     init = pca_init_state(moments_of_batch(train_batches, dims), dims, cfg.pca_dim) if cfg.pca_dim else None
-    model = build_model(dims, cfg, init)
+    model = build_model(dims, cfg, init, align)
     result = fit(model, batches_fn(train_batches, cfg.batch_size, True, cfg.seed),
                  batches_fn(val_batches, cfg.batch_size, False, cfg.seed), cfg, **fit_kwargs)
     return prune_model(model, cfg.prune_sparsity), result

@@ -9,11 +9,19 @@ Architecture (all sizes from TrainConf):
   present modalities), `weighted_sum` (learned global weights), `max_pool` or `avg_pool`;
 - optional PCA of each modality's raw embeddings before its projection (`cfg.pca_dim`, `mmrank.ranker.pca`);
 - scoring head (`cfg.head`, a registered `mmrank.ranker.heads` module: `mlp` with dropout, `linear`,
-  `logistic`) on [q, fused, q*fused, match] -> one score per slot, where `match` (with
+  `logistic`) on [q, fused, q*fused, match, lex] -> one score per slot, where `match` (with
   `cfg.match_features`) holds the cosines query-text/product-text and query-audio/product-audio (same encoder,
   same space), each 0 unless both sides have that modality and the product modality is allowed and unmasked.
   A projection can learn such an interaction only from many queries; given explicitly, it is a strong prior
-  that needs no training data (the similarity baseline is this cosine alone).
+  that needs no training data (the similarity baseline is this cosine alone). With `cfg.align.enabled`,
+  `match` also holds the cosines query-text/product-image and query-text/product-audio in the spaces learned
+  from the catalog's own (text, image) / (text, audio) pairs (`mmrank.ranker.align`, loaded with
+  `set_alignment`; 0 until then). With `cfg.lexical_features` the scorer also sees log1p of the pair's lexical
+  features (`p_lex`, hidden when product text is masked: they are read from the text);
+- prior + residual (`cfg.prior`): score = exp(s) * prior + scorer output, where `s` (learned) starts at
+  log(`cfg.prior_scale`) and the scorer's last layer starts at zero, so an untrained model ranks exactly like
+  the prior: `similarity` = the cosine in the query's search modality (typed: text, or with text masked the
+  aligned cross-modal cosines; voice: audio), `bm25` = log1p(BM25 over all fields), `none` = no prior.
 
 Modalities: product modalities outside `cfg.modalities` are masked out everywhere (single-modality models
 use the same code). Query modalities are always used: a query is the information need, not a feature
@@ -22,11 +30,15 @@ probability, never all present modalities of an item (one survivor is then chose
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from mmrank.config import TrainConf
+from mmrank.lexical import BM25_ALL, N_LEX
 from mmrank.modalities import MATCHED, PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims
+from mmrank.ranker.align import ALIGNED  # product modalities matched to query text via the alignment
 from mmrank.ranker.batch import Batch
 from mmrank.ranker.fusion import masked
 from mmrank.ranker.pca import PCAInputs
@@ -35,6 +47,14 @@ from mmrank.registry import FUSIONS, HEADS
 N_PRODUCT_MODALITIES = len(PRODUCT_MODALITIES)
 _MATCHED_PRODUCT = [PRODUCT_MODALITIES.index(m) for m in MATCHED]
 _MATCHED_QUERY = [QUERY_MODALITIES.index(m) for m in MATCHED]
+_TEXT = PRODUCT_MODALITIES.index("text")
+
+
+def zero_last_linear(module: nn.Module) -> None:
+    """Zero the weight and bias of the last `nn.Linear` in `module` (a residual that starts at 0)."""
+    last = [m for m in module.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
 
 
 def _projection(in_dim: int, out_dim: int) -> nn.Module:
@@ -55,15 +75,33 @@ class FusionRanker(nn.Module):
         self.product_proj = nn.ModuleDict({m: _projection(width(m), p) for m in PRODUCT_MODALITIES})
         self.query_proj = nn.ModuleDict({m: _projection(width(m), p) for m in QUERY_MODALITIES})
         self.fusion = FUSIONS.get(cfg.fusion)(N_PRODUCT_MODALITIES, p, cfg.hidden_dim, cfg.dropout)
-        self.n_match = len(MATCHED) if cfg.match_features else 0
-        self.scorer = HEADS.get(cfg.head)(3 * p + self.n_match, cfg.hidden_dim, cfg.dropout)
+        self.match_product = (_MATCHED_PRODUCT if cfg.match_features else []) + \
+            ([PRODUCT_MODALITIES.index(m) for m in ALIGNED] if cfg.align.enabled else [])
+        self.n_match, self.n_lex = len(self.match_product), N_LEX if cfg.lexical_features else 0
+        self.scorer = HEADS.get(cfg.head)(3 * p + self.n_match + self.n_lex, cfg.hidden_dim, cfg.dropout)
         self.register_buffer("allowed", torch.tensor([float(m in cfg.modalities) for m in PRODUCT_MODALITIES]),
                              persistent=False)
+        if cfg.align.enabled:  # filled by set_alignment; saved with the model
+            for m in ("text", *ALIGNED):
+                self.register_buffer(f"align_{m}", torch.zeros(dims.of(m), cfg.align.dim))
+        if cfg.prior != "none":
+            self.prior_log_scale = nn.Parameter(torch.tensor(math.log(cfg.prior_scale)))
+            zero_last_linear(self.scorer)
+
+    def set_alignment(self, state: dict[str, torch.Tensor]) -> None:
+        """Load the learned cross-modal projections (`mmrank.ranker.align`: align_text/image/audio)."""
+        for k, v in state.items():
+            v = torch.as_tensor(v, dtype=torch.float32)
+            if getattr(self, k).shape != v.shape:
+                raise ValueError(f"{k} has shape {tuple(v.shape)}, the model expects {tuple(getattr(self, k).shape)} "
+                                 "(train.align.dim and the embedding widths must match)")
+            getattr(self, k).copy_(v)
 
     # ---- pieces -------------------------------------------------------------------------------------------
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities` (no modality dropout),
-        match [B, L, len(MATCHED)] raw query-product cosines, 0 where the query lacks the modality)."""
+        pair [B, L, n_match + n_lex + 1]: the raw query-product match cosines (0 where the query lacks the
+        modality), the raw lexical features, and 1 for a typed query)."""
         q_mask = batch["q_mask"]
         q_parts = torch.stack([masked(self.query_proj[m](self._inputs(m, batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
                                for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
@@ -71,7 +109,7 @@ class FusionRanker(nn.Module):
         mask = batch["p_mask"] * self.allowed
         z = torch.stack([self.product_proj[m](self._inputs(m, batch[f"p_{m}"], mask[..., i]))
                          for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
-        return q, masked(z, mask), mask, self._match(batch)
+        return q, masked(z, mask), mask, self._pair(batch)
 
     def _inputs(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw embeddings with absent rows zeroed, then the modality's PCA (`train.pca_dim`) if any."""
@@ -83,22 +121,62 @@ class FusionRanker(nn.Module):
         if not self.n_match:
             return batch["p_mask"].new_zeros(B, L, 0)
         cos = []
-        for m, qi, pi in zip(MATCHED, _MATCHED_QUERY, _MATCHED_PRODUCT):
-            q = masked(batch[f"q_{m}"], batch["q_mask"][:, qi]).unsqueeze(1)       # absent -> 0 -> cosine 0
-            p = masked(batch[f"p_{m}"], batch["p_mask"][..., pi])
-            cos.append(nn.functional.cosine_similarity(q, p, dim=-1, eps=1e-8))
+        pairs = [(batch[f"q_{m}"], qi, batch[f"p_{m}"], pi)
+                 for m, qi, pi in zip(MATCHED, _MATCHED_QUERY, _MATCHED_PRODUCT)] if self.cfg.match_features else []
+        if self.cfg.align.enabled:
+            q_text = batch["q_text"] @ self.align_text
+            pairs += [(q_text, 0, batch[f"p_{m}"] @ getattr(self, f"align_{m}"), PRODUCT_MODALITIES.index(m))
+                      for m in ALIGNED]
+        for q, qi, p, pi in pairs:
+            q = masked(q, batch["q_mask"][:, qi]).unsqueeze(1)       # absent -> 0 -> cosine 0
+            cos.append(nn.functional.cosine_similarity(q, masked(p, batch["p_mask"][..., pi]), dim=-1, eps=1e-8))
         return torch.stack(cos, dim=-1)
+
+    def _pair(self, batch: Batch) -> torch.Tensor:
+        """[B, L, n_match + n_lex + 1]: match cosines, raw lexical features, typed-query flag."""
+        B, L = batch["p_mask"].shape[:2]
+        lex = batch.get("p_lex")
+        lex = lex[..., :self.n_lex] if lex is not None else batch["p_mask"].new_zeros(B, L, self.n_lex)
+        typed = (batch["q_mask"][:, None, :1] > 0).to(lex.dtype).expand(B, L, 1)
+        return torch.cat([self._match(batch), lex, typed], dim=-1)
+
+    def prior(self, pair: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] the configured prior from `encode`'s pair features under `mask` (0 for `none`)."""
+        kind, n = self.cfg.prior, self.n_match
+        if kind == "none":
+            return mask.new_zeros(mask.shape[:2])
+        text = mask[..., _TEXT]
+        if kind == "bm25":
+            return torch.log1p(pair[..., n + BM25_ALL].clamp_min(0.0)) * text if self.n_lex else 0.0 * text
+        match = pair[..., :n] * mask[..., self.match_product]
+        names = [(m, "direct") for m in MATCHED] * bool(self.cfg.match_features) + \
+            [(m, "aligned") for m in ALIGNED] * bool(self.cfg.align.enabled)
+        col = {name: i for i, name in enumerate(names)}
+        if self.allowed[_TEXT] > 0 and ("text", "direct") in col:
+            typed_prior = match[..., col[("text", "direct")]]
+        else:   # a model without product text (image_only, audio_only): the aligned cross-modal cosines
+            aligned = [match[..., col[(m, "aligned")]] for m in ALIGNED
+                       if (m, "aligned") in col and self.allowed[PRODUCT_MODALITIES.index(m)] > 0]
+            typed_prior = torch.stack(aligned).mean(0) if aligned else 0.0 * text
+        voice_prior = match[..., col[("audio", "direct")]] if ("audio", "direct") in col else 0.0 * text
+        return torch.where(pair[..., -1] > 0, typed_prior, voice_prior)
 
     def fuse(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, P] fused product representation for the given (possibly occluded) mask."""
         return self.fusion(q, masked(z, mask), mask)
 
-    def score(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
-        """[B, L] scores from encoded inputs under `mask` (a masked product modality also hides its match)."""
+    def score(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+        """[B, L] scores from encoded inputs under `mask` (a masked product modality also hides its match; masked
+        text hides the lexical features)."""
         fused = self.fuse(q, z, mask)
         qe = q.unsqueeze(1).expand_as(fused)
-        match = match * mask[..., _MATCHED_PRODUCT] if self.n_match else match
-        return self.scorer(torch.cat([qe, fused, qe * fused, match], dim=-1)).squeeze(-1)
+        n = self.n_match
+        match = pair[..., :n] * mask[..., self.match_product]
+        lex = torch.log1p(pair[..., n:n + self.n_lex].clamp_min(0.0)) * mask[..., _TEXT:_TEXT + 1]
+        out = self.scorer(torch.cat([qe, fused, qe * fused, match, lex], dim=-1)).squeeze(-1)
+        if self.cfg.prior == "none":
+            return out
+        return self.prior_log_scale.exp() * self.prior(pair, mask) + out
 
     def modality_dropout(self, mask: torch.Tensor) -> torch.Tensor:
         """Drop each present modality with prob `cfg.modality_dropout` (global torch RNG); an item that would
@@ -113,10 +191,10 @@ class FusionRanker(nn.Module):
     # ---- public -------------------------------------------------------------------------------------------
     def forward(self, batch: Batch) -> torch.Tensor:
         """Scores [B, L]; padding slots get a finite but meaningless score."""
-        q, z, mask, match = self.encode(batch)
+        q, z, mask, pair = self.encode(batch)
         if self.training:
             mask = self.modality_dropout(mask)
-        return self.score(q, z, mask, match)
+        return self.score(q, z, mask, pair)
 
     @torch.no_grad()
     def score_and_contributions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,15 +205,15 @@ class FusionRanker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            q, z, mask, match = self.encode(batch)
-            full = self.score(q, z, mask, match)
+            q, z, mask, pair = self.encode(batch)
+            full = self.score(q, z, mask, pair)
             out = torch.zeros_like(mask)
             for i in range(N_PRODUCT_MODALITIES):
                 if not bool((mask[..., i] > 0).any()):
                     continue
                 occluded = mask.clone()
                 occluded[..., i] = 0.0
-                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, match), 0.0)
+                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, pair), 0.0)
             return full, out
         finally:
             self.train(was_training)

@@ -22,6 +22,7 @@ import pandas as pd
 from pyspark.sql import DataFrame
 
 from mmrank.encoders.device import resolve_device, set_threads, task_threads
+from mmrank.lexical import N_LEX
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 from mmrank.ranker.compress import quantize_model  # noqa: F401  (re-exported: scorer.quantize_model)
 
@@ -110,12 +111,13 @@ def _as_feats(feats: Mapping[str, Any], modalities: tuple[str, ...], dims: Mappi
 
 
 def make_pair_batch(query_feats: Mapping[str, Any], product_feats: Mapping[str, Any], dims: Mapping[str, int],
-                    device=None):
+                    device=None, lex: np.ndarray | None = None):
     """Tensors of the uniform batch contract for N single pairs (L = 1), as `mmrank.ranker.batch` defines.
 
     `query_feats`: {'text': [N, Dt], 'audio': [N, Da], 'mask': [N, 2] (optional)};
     `product_feats`: {'text': [N, Dt], 'image': [N, Di], 'audio': [N, Da], 'mask': [N, 3] (optional)}.
-    A missing key (or None) = modality absent for every row (zeros, mask 0).
+    A missing key (or None) = modality absent for every row (zeros, mask 0). `lex`: [N, N_LEX] lexical match
+    features of the pairs (`mmrank.lexical.features.with_lex`), or None (no `p_lex` key: the model sees zeros).
     """
     import torch
 
@@ -133,11 +135,13 @@ def make_pair_batch(query_feats: Mapping[str, Any], product_feats: Mapping[str, 
         "p_audio": t(pa["audio"][:, None, :]), "p_mask": t(pm[:, None, :]),
         "grades": t(np.zeros((n, 1), np.float32)),
     }
+    if lex is not None:
+        tensors["p_lex"] = t(np.asarray(lex, np.float32)[:, None, :])
     return tensors
 
 
 def score_pairs(model, query_feats: Mapping[str, Any], product_feats: Mapping[str, Any],
-                dims: Mapping[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                dims: Mapping[str, int] | None = None, lex: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Score N (query, product) pairs: returns (scores [N] float32, contributions [N, 3] text/image/audio).
 
     Plain PyTorch on numpy arrays (see `make_pair_batch` for the inputs); no Spark involved. A model in
@@ -148,7 +152,7 @@ def score_pairs(model, query_feats: Mapping[str, Any], product_feats: Mapping[st
     if model.training:
         model.eval()  # scoring is deterministic: no dropout / modality dropout
     dims = dims or model.dims.as_dict()
-    batch = make_pair_batch(query_feats, product_feats, dims, device=_model_device(model))
+    batch = make_pair_batch(query_feats, product_feats, dims, device=_model_device(model), lex=lex)
     scores, contrib = _score_and_contrib(model, batch)
     return (scores[:, 0].float().cpu().numpy().astype(np.float32),
             contrib[:, 0, :].float().cpu().numpy().astype(np.float32))
@@ -188,7 +192,8 @@ def score_frame(model, pdf: pd.DataFrame, dims: Mapping[str, int]) -> pd.DataFra
         p[m], pres = column_matrix(pdf[f"p_{m}"], dims[m], f"product {m}")
         pmask.append(pres)
     q["mask"], p["mask"] = np.stack(qmask, 1), np.stack(pmask, 1)
-    scores, contrib = score_pairs(model, q, p, dims)
+    lex = column_matrix(pdf["p_lex"], N_LEX, "lexical")[0] if "p_lex" in pdf.columns else None
+    scores, contrib = score_pairs(model, q, p, dims, lex)
     return pd.DataFrame({"query_id": pdf["query_id"].to_numpy(), "product_id": pdf["product_id"].to_numpy(),
                          "score": scores, "contrib_text": contrib[:, 0], "contrib_image": contrib[:, 1],
                          "contrib_audio": contrib[:, 2]})
@@ -257,7 +262,8 @@ def score_arrow(model, rb, dims: Mapping[str, int]):
         p[m], pres = arrow_matrix(rb.column(f"p_{m}"), dims[m], f"product {m}")
         pmask.append(pres)
     q["mask"], p["mask"] = np.stack(qmask, 1), np.stack(pmask, 1)
-    scores, contrib = score_pairs(model, q, p, dims)
+    lex = arrow_matrix(rb.column("p_lex"), N_LEX, "lexical")[0] if "p_lex" in rb.schema.names else None
+    scores, contrib = score_pairs(model, q, p, dims, lex)
     return pa.RecordBatch.from_arrays(
         [rb.column("query_id"), rb.column("product_id"), pa.array(scores, pa.float32()),
          pa.array(contrib[:, 0], pa.float32()), pa.array(contrib[:, 1], pa.float32()),

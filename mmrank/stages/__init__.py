@@ -4,8 +4,8 @@ Every stage module exposes `run(lh, run_date, **options) -> counts`, built with 
 which owns the bookkeeping: it records the stage's `runs` row (`succeeded`, or `failed` with the error, then
 re-raised), the Delta versions of its inputs and outputs, its counts, model version and message. Jobs
 (`jobs/*.py`) and the nightly pipeline (`mmrank.nightly`) call stages the same way, so a stage leaves the same
-row whoever runs it. Stages, in nightly order: generate, ingest, labels, featurize, training_lists, train,
-promote, score, evaluate, report.
+row whoever runs it. Stages, in nightly order: generate, ingest, labels, featurize, lexical, training_lists,
+train, promote, score, evaluate, report.
 """
 from __future__ import annotations
 

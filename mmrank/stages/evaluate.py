@@ -4,10 +4,12 @@ Models (names in the `metrics` table):
 - `fusion`: the registered `champion` (`mmrank.tracking`; without a registry the latest artifact), if one
   exists and fits the lists' dims;
 - `similarity`: unsupervised query-product text cosine (audio cosine for voice queries);
+- `bm25`: unsupervised BM25 of the query over the product's text fields (when the lists have lexical features);
 - with `evaluate.baselines` (else skipped, for a cheap nightly): `gated_fusion`, `concat_fusion` and
   `text_only` / `image_only` / `audio_only` (the configured fusion restricted to one product modality), all
   trained here by `train_local` on the train split with `train.*` hyperparameters, early-stopped on
-  validation; and `lightgbm_lambdamart` (see `mmrank.baselines`).
+  validation, with the catalog's cross-modal alignment (`mmrank.ranker.align`); and `lightgbm_lambdamart` on
+  the same features (see `mmrank.ranker.baselines`).
 A single-modality model is skipped when no training list has that modality (e.g. audio in fashion).
 
 Results replace the `metrics` rows of (run_date, dataset) and are written as JSON + Markdown + PNG under
@@ -73,7 +75,10 @@ def trained_models(lh: Lakehouse, train: Batch, val: Batch, dims: ModalityDims,
     """Fusion variants, single-modality models and LightGBM trained on the train split."""
     from mmrank.ranker.fit import train_local
 
+    from mmrank.ranker.align import alignment_state
+
     tc, version = lh.cfg.train, f"eval-{lh.cfg.fingerprint()}-seed{lh.cfg.train.seed}"
+    align = (alignment_state(lh, tc.align, dims, tc.seed) or (None, None))[0]
     variants = {f"{f}_fusion": tc.model_copy(update={"fusion": f}) for f in ("gated", "concat")}
     present = _modality_present(train)
     for m in PRODUCT_MODALITIES:
@@ -83,10 +88,10 @@ def trained_models(lh: Lakehouse, train: Batch, val: Batch, dims: ModalityDims,
             notes.append(f"`{m}_only` skipped: no training list has {m} features")
     out: dict[str, tuple[str, Scorer]] = {}
     for name, cfg in variants.items():
-        model, res = train_local(train, val, dims, cfg)
+        model, res = train_local(train, val, dims, cfg, align)
         log.info("evaluate: trained %s (best epoch %d, val %s)", name, res.best_epoch, res.best_metrics)
         out[name] = (version, model_scorer(model))
-    lgbm = baselines.LambdaMART(lh.cfg.evaluate, tc.seed).fit(train, val)
+    lgbm = baselines.LambdaMART(lh.cfg.evaluate, tc.seed, align).fit(train, val)
     out["lightgbm_lambdamart"] = (version, lgbm.scores)
     return out
 
@@ -136,9 +141,11 @@ def _valid_name(dataset: str) -> str:
     return dataset
 
 
-def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | None = None
-             ) -> tuple[list[dict], dict]:
-    """Metric rows (model_version, model_name, split, metric, k, value) for every model, plus report meta."""
+def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | None = None,
+             scores_out: dict | None = None) -> tuple[list[dict], dict]:
+    """Metric rows (model_version, model_name, split, metric, k, value) for every model, plus report meta.
+    `scores_out` (optional dict) receives `query_ids`, the target grades (`grades:<split>`) and each model's
+    test scores [B, L] (`scores:<model>`), for per-query comparisons (bench/quality.py's bootstrap)."""
     ec, tc = lh.cfg.evaluate, lh.cfg.train
     L = tc.list_size
     frames = read_splits(lh)
@@ -153,6 +160,8 @@ def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | 
     if (art := artifact_model(lh, dims, notes)) is not None:
         models["fusion"] = art
     models["similarity"] = ("unsupervised", baselines.similarity_scores)
+    if bool((batches["test"]["p_lex"] != 0).any()):
+        models["bm25"] = ("unsupervised", baselines.bm25_scores)
     if ec.baselines:
         if "train" not in batches:
             raise ValueError("training_lists has no train lists: cannot train the evaluation models")
@@ -168,8 +177,13 @@ def evaluate(lh: Lakehouse, dataset: str = "sample", extra: dict[str, Scorer] | 
         targets["test_judgments"] = truth
     grades = targets["test"]
     rows = []
+    if scores_out is not None:
+        scores_out.update({"query_ids": frames["test"]["query_id"].tolist(),
+                           **{f"grades:{k}": v for k, v in targets.items()}})
     for name, (version, fn) in models.items():
         scores = np.asarray(fn(test), np.float64)
+        if scores_out is not None:
+            scores_out[f"scores:{name}"] = scores
         for split, g in targets.items():
             rows += metric_rows(name, version, scores, g, ec.ks, ec.no_relevant, split)
     meta = {"dataset": dataset, "test_lists": int(grades.shape[0]), "targets": list(targets), "seed": tc.seed, "loss": tc.loss,
@@ -207,13 +221,14 @@ def log_evaluation(lh: Lakehouse, run_date: dt.date, dataset: str, rows: pd.Data
 
 @stage(STAGE, inputs=("training_lists",), outputs=("metrics",))
 def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, dataset: str = "sample",
-        extra: dict[str, Scorer] | None = None) -> dict[str, int]:
+        extra: dict[str, Scorer] | None = None, scores_out: dict | None = None) -> dict[str, int]:
     """Evaluate all models on the test split; write `metrics` (replacing run_date + dataset) and the report.
 
-    `extra`: additional name -> scorer(batch) -> [B, L] scores to evaluate alongside (tests, experiments).
+    `extra`: additional name -> scorer(batch) -> [B, L] scores to evaluate alongside (tests, experiments);
+    `scores_out`: see `evaluate`.
     """
     dataset = _valid_name(dataset)
-    rows, meta = evaluate(lh, dataset, extra)
+    rows, meta = evaluate(lh, dataset, extra, scores_out)
     meta["run_date"] = run_date.isoformat()
     tables = meta.pop("ablation", None)
     rec.model_version = meta["artifact_version"]

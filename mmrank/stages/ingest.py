@@ -2,9 +2,10 @@
 
 Sources (`SOURCES`): `sample` (the generated landing zone, `data/sample.py`), `fashion` (the real fashion catalog,
 `data/fashion.py`; option `limit`), `byo` (a user's catalog + judgments files, `data/byo.py`; options
-`catalog`, `judgments`, `name`) and `delta` (upstream Delta tables with a column mapping, `data/delta_source.py`).
-`ingest.source` in config picks the source the nightly ingests (`configured_source`); a caller may name
-another with its options. The shared checks and writes are in `data/ingest.py`.
+`catalog`, `judgments`, `name`, `grade_scale`; the grade mapping applied is recorded in the run's message) and
+`delta` (upstream Delta tables with a column mapping, `data/delta_source.py`). `ingest.source` in config picks
+the source the nightly ingests (`configured_source`); a caller may name another with its options. The shared
+checks and writes are in `data/ingest.py`.
 """
 from __future__ import annotations
 
@@ -42,4 +43,7 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, source: str | None = No
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}: use {', '.join(SOURCES)}")
     rec.message = f"source={source}"
-    return SOURCES[source](lh, run_date, **options)
+    counts = SOURCES[source](lh, run_date, **options)
+    if "grade_mapping" in counts:   # said, not guessed: the judgments' grade mapping stays with the run
+        rec.message += f"; {counts.pop('grade_mapping')}"
+    return counts

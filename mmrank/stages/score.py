@@ -5,9 +5,10 @@ and `scoring.features` (their features; unusable embeddings quarantined, pairs w
 skipped) -> `scoring.scorer` (the model once per Spark worker, in an iterator `mapInArrow`) ->
 `scoring.writer` (rank per query, keep `score.top_n`), then one atomic `replace_date` of run_date's rows:
 readers see the old or the new complete day, never a mix. Pairs with some modalities missing are scored with
-masks, exactly as in training. The model is the registered `champion` (`mmrank.tracking`, chosen by the
-`promote` stage), or the latest artifact without a registry. `score.quantize` (or `quantize=True`) scores with
-the int8 copy of the model and suffixes the model version with `+int8`.
+masks, exactly as in training; a model trained with lexical features gets each pair's `p_lex` the same way the
+training lists got them. The model is the registered `champion` (`mmrank.tracking`, chosen by the `promote`
+stage), or the latest artifact without a registry. `score.quantize` (or `quantize=True`) scores with the int8
+copy of the model and suffixes the model version with `+int8`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import logging
 import time
 
 from mmrank.lakehouse import Lakehouse
+from mmrank.lexical.features import with_lex
 from mmrank.runs import StageRun
 from mmrank.scoring.candidates import candidate_pairs
 from mmrank.scoring.features import (bad_feature_rows, coverage_counts, product_feature_frame,
@@ -28,7 +30,8 @@ from mmrank.tracking import champion_version
 log = logging.getLogger("mmrank.score")
 
 
-@stage("score", inputs=("query_log", "product_features", "query_features"), outputs=("ranking_scores",))
+@stage("score", inputs=("query_log", "product_features", "query_features", "lexical_tokens"),
+       outputs=("ranking_scores",))
 def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, version: str | None = None, quantize: bool | None = None,
         candidates: list[str] | None = None) -> dict[str, int]:
     """Score run_date's candidates with `version` (default: the registered `champion`, or the latest artifact
@@ -46,7 +49,11 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, version: str | None = N
     cands = candidate_pairs(lh, run_date, candidates, dims).persist()
     joined = with_features(cands, query_feature_frame(qf, dims), product_feature_frame(pf, dims))
     counts.update(coverage_counts(joined))
-    scored = score_df(scorable(joined), artifacts_dir, version, quantize, sc.batch_size)
+    pairs = scorable(joined)
+    model_cfg = load_scorer(artifacts_dir, version)[0].cfg
+    if model_cfg.lexical_features or model_cfg.prior == "bm25":   # the pairs' lexical features, as in training
+        pairs = with_lex(lh, pairs, "p_lex")
+    scored = score_df(pairs, artifacts_dir, version, quantize, sc.batch_size)
     lh.replace_date("ranking_scores", ranking_rows(scored, sc.top_n, run_date, model_version), run_date)
     cands.unpersist()
     counts.update(written_counts(lh.read("ranking_scores"), run_date))

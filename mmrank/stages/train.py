@@ -4,6 +4,10 @@ the model as `challenger` (`mmrank.tracking`; the `promote` stage decides whethe
 With `train.pca_dim` the per-modality PCA is fitted on the train split first (`mmrank.ranker.pca`); with
 `train.prune_sparsity` the trained model is magnitude-pruned before it is saved (`mmrank.ranker.compress`).
 
+Before training, the cross-modal alignment is learned from the catalog (`mmrank.ranker.align`, `train.align`) and
+a bounded hyperparameter search picks lr / weight decay / patience on the validation split
+(`mmrank.ranker.tune`, `train.tune`); both are recorded in the artifact's meta (`alignment`, `tuning`).
+
 Checkpoints go to `lh.paths.checkpoints(<run key>)`; the run key covers run_date, backend, loader,
 process count, the `training_lists` version and the training settings except `max_epochs`/`patience`, so a
 re-started run (or one given more epochs) resumes from its last checkpoint. They are deleted once the
@@ -27,10 +31,12 @@ from mmrank.config import TrainConf
 from mmrank.distributed.backends import TrainOutcome, train_with_backend, world_size_of
 from mmrank.lakehouse import Lakehouse, sql_date
 from mmrank import tracking
+from mmrank.ranker.align import alignment_state
 from mmrank.ranker.artifact import ArtifactError, latest_version, load_artifact, save_artifact, version_folder
 from mmrank.ranker.compress import prune_model
 from mmrank.ranker.fit import CHECKPOINT_FILE
 from mmrank.ranker.pca import pca_init_state, train_split_moments
+from mmrank.ranker.tune import tune_from_lists
 from mmrank.runs import StageRun, versions
 from mmrank.stages import stage
 from mmrank.stages.training_lists import list_dims
@@ -64,6 +70,8 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
     train = lh.cfg.train
     backend = backend or train.backend
     dims = list_dims(lh)
+    align, align_info = alignment_state(lh, train.align, dims, train.seed) or (None, None)
+    train, tuning = tune_from_lists(lh, train, dims, align)   # train.tune: lr / weight decay / patience
     lists_version = lh.version("training_lists")
     ckpt = lh.paths.checkpoints(run_key(run_date, train, backend, lists_version))
     resume = (ckpt / CHECKPOINT_FILE).exists()
@@ -71,14 +79,16 @@ def train_and_save(lh: Lakehouse, run_date: dt.date, backend: str | None = None)
         log.info("resuming from checkpoint in %s", ckpt)
     pca = (pca_init_state(train_split_moments(lh, dims, train.list_size), dims, train.pca_dim)
            if train.pca_dim else None)
-    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume, init_state=pca)
+    out = train_with_backend(lh, train, dims, backend=backend, checkpoint_dir=ckpt, resume=resume, init_state=pca,
+                             align=align)
     prune_model(out.model, train.prune_sparsity)
     meta = {
         "run_date": run_date.isoformat(), "backend": out.backend, "world_size": out.world_size,
         "data_loader": out.data_loader, "training_lists_version": lists_version,
         "encoder_versions": encoder_versions(lh), "val_metrics": out.fit.best_metrics,
         "best_epoch": out.fit.best_epoch, "epochs_run": out.fit.epochs_run,
-        "samples_per_sec": out.fit.samples_per_sec,
+        "samples_per_sec": out.fit.samples_per_sec, "initial_val_metrics": out.fit.initial_metrics,
+        "tuning": tuning, "alignment": align_info,
     }
     version = save_artifact(out.model, meta, lh.paths.artifacts)
     log.info("train %s: saved model artifact %s (best epoch %d of %d)", run_date, version, out.fit.best_epoch + 1,

@@ -8,7 +8,9 @@ Each query's candidates (its `labels` rows whose product has at least one featur
 - kept candidates are put in a seeded hash order, so list position carries no information about the grade;
 - a missing modality is a zero vector with mask 0; an embedding whose length differs from its modality's
   width is treated as missing (and quarantined);
-- the split is by query: a seeded hash of `query_id` in [0, 1) against the cumulative `train.split` fractions.
+- the split is by query: a seeded hash of `query_id` in [0, 1) against the cumulative `train.split` fractions;
+- `p_lex` holds each slot's lexical match features (`mmrank.lexical.features.with_lex`; zeros without the
+  lexical tables).
 
 Everything is Spark SQL (window + collect_list + array expressions); the table is replaced in one commit.
 `load_split` reads one split back as the batch tensors of `mmrank.ranker.batch.rows_to_batch`.
@@ -24,6 +26,7 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from mmrank.lakehouse import Lakehouse
+from mmrank.lexical.features import N_LEX, with_lex
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES, ModalityDims, widths_from_list_lengths
 from mmrank.runs import StageRun
 from mmrank.scoring.features import bad_feature_rows, pivot
@@ -108,10 +111,11 @@ def build(lh: Lakehouse, run_date: dt.date) -> tuple[DataFrame, DataFrame, dict[
     keep_order = Window.partitionBy("query_id").orderBy(
         (F.col("grade") > 0).desc(), F.when(F.col("grade") > 0, F.col("grade")).desc_nulls_last(), "h",
         "product_id")
-    kept = usable.withColumn("slot_rank", F.row_number().over(keep_order)).where(F.col("slot_rank") <= L)
+    kept = with_lex(lh, usable.withColumn("slot_rank", F.row_number().over(keep_order))
+                    .where(F.col("slot_rank") <= L))
     grouped = kept.groupBy("query_id").agg(F.array_sort(F.collect_list(F.struct(
         "h", "product_id", F.col("grade").cast("float").alias("grade"),
-        *PRODUCT_MODALITIES))).alias("cands"))
+        *PRODUCT_MODALITIES, "lex"))).alias("cands"))
 
     present = ", ".join(f"CAST(c.{m} IS NOT NULL AS FLOAT)" for m in PRODUCT_MODALITIES)
     lists = grouped.join(queries, "query_id").select(
@@ -127,12 +131,14 @@ def build(lh: Lakehouse, run_date: dt.date) -> tuple[DataFrame, DataFrame, dict[
         *[_flat(m, dims[m], L).alias(f"p_{m}") for m in PRODUCT_MODALITIES],
         F.expr(f"concat(flatten(transform(cands, c -> array({present}))), "
                f"{_zeros(f'({L} - size(cands)) * 3')})").alias("p_mask"),
+        _flat("lex", N_LEX, L).alias("p_lex"),
         F.lit(run_date).cast("date").alias("run_date"),
     )
     return lists, quarantine, dims
 
 
-@stage(STAGE, inputs=("labels", "product_features", "query_features"), outputs=("training_lists",))
+@stage(STAGE, inputs=("labels", "product_features", "query_features", "lexical_tokens", "lexical_stats"),
+       outputs=("training_lists",))
 def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     """Build and write `training_lists` (one atomic overwrite: the lists of the current labels/features)."""
     lists, quarantine, dims = build(lh, run_date)

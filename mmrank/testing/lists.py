@@ -12,7 +12,8 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 
 from mmrank.modalities import ModalityDims
-from mmrank.ranker.batch import PAD_GRADE
+from mmrank.lexical import N_LEX
+from mmrank.ranker.batch import BATCH_KEYS, PAD_GRADE
 
 
 def synthetic_lists(n_queries: int, list_size: int, dims: ModalityDims, seed: int = 0,
@@ -48,7 +49,7 @@ def synthetic_lists(n_queries: int, list_size: int, dims: ModalityDims, seed: in
             "grades": grades, "q_text": q_text, "q_audio": q_audio,
             "q_mask": np.array([1.0, float(has_q_audio)], np.float32),
             "p_text": p_text.ravel(), "p_image": p_image.ravel(), "p_audio": p_audio.ravel(),
-            "p_mask": p_mask.ravel(), "run_date": run_date})
+            "p_mask": p_mask.ravel(), "p_lex": np.zeros(list_size * N_LEX, np.float32), "run_date": run_date})
     return pd.DataFrame(rows)
 
 
@@ -58,6 +59,6 @@ def synthetic_lists_df(spark: SparkSession, n_queries: int, list_size: int, dims
     from mmrank.tables import spec
 
     pdf = synthetic_lists(n_queries, list_size, dims, seed, splits)
-    for c in ("grades", "q_text", "q_audio", "q_mask", "p_text", "p_image", "p_audio", "p_mask"):
+    for c in BATCH_KEYS:
         pdf[c] = pdf[c].map(lambda a: [float(x) for x in a])
     return spark.createDataFrame(pdf, schema=spec("training_lists").schema)

@@ -1,0 +1,48 @@
+"""Honest comparisons of two rankers on the same queries: per-query metric values and a paired bootstrap.
+
+`per_query(scores, grades, metric)` gives one value per list (NaN for lists without a relevant item, which
+the `skip` rule leaves out of every mean). `paired_bootstrap(a, b)` resamples queries with replacement (the
+same resample for both models) and returns the mean difference a - b with a percentile interval: when the
+interval excludes 0 the gap is not query-sampling noise at that level; when it contains 0 the gap is within
+noise. Values averaged over model seeds per query first (`np.nanmean` over a [seeds, queries] array) compare
+the models, not one lucky seed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mmrank.ranker.metrics import has_relevant, per_list_metrics
+
+
+def per_query(scores: np.ndarray, grades: np.ndarray, metric: str = "ndcg@10") -> np.ndarray:
+    """[B] per-list `metric` (a key of `per_list_metrics`), NaN for lists without a relevant item."""
+    ks = [int(metric.split("@")[1])] if "@" in metric else [10]
+    values = per_list_metrics(scores, grades, ks)[metric]
+    return np.where(has_relevant(grades), values, np.nan)
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95,
+                     seed: int = 0) -> dict[str, float]:
+    """Mean of a - b over the queries where both are defined, with a `level` percentile bootstrap interval
+    (queries resampled with replacement, `n_boot` times, seeded) and the share of resamples where a > b."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same queries: shapes {a.shape} and {b.shape}")
+    d = (a - b)[~(np.isnan(a) | np.isnan(b))]
+    if d.size == 0:
+        raise ValueError("no query has both values")
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size),
+            "p_better": float((means > 0).mean())}
+
+
+def verdict(ci: dict[str, float], level: float = 0.95) -> str:
+    """Words for an interval: which side of zero it lies on, or that the gap is within noise."""
+    pct = f"{100 * level:.0f}%"
+    if ci["lo"] > 0:
+        return f"better ({pct} interval above 0)"
+    if ci["hi"] < 0:
+        return f"worse ({pct} interval below 0)"
+    return f"within noise ({pct} interval contains 0)"
