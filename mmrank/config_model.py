@@ -88,6 +88,10 @@ class TrainConf(_Section):
         "similarity", description="score = prior_scale * prior + a learned correction that starts at 0: an "
         "untrained model ranks exactly like the prior (similarity = cosine in the query's search modality)")
     prior_scale: float = Field(10.0, gt=0, description="initial multiplier of the prior (learned, stays > 0)")
+    prior_gate_z: float = Field(
+        2.0, ge=0, description="with a prior: an epoch replaces the untrained model (= the prior's ranking) only "
+        "when its validation gain over the prior, paired per list, is at least this many standard errors (0 = any "
+        "gain). Guards small judged sets, where the best of many epochs on a few validation lists is noise")
     lexical_features: bool = Field(True, description="give the scorer the lexical match features (`lex`)")
     align: AlignConf = AlignConf()
     tune: TuneConf = TuneConf()

@@ -12,7 +12,7 @@ from mmrank.modalities import ModalityDims
 from mmrank.ranker.align import aligned_cosines, fit_alignment, info_nce
 from mmrank.ranker.baselines import bm25_scores, similarity_scores
 from mmrank.ranker.batch import PAD_GRADE, batch_from_arrays
-from mmrank.ranker.fit import build_model, train_local
+from mmrank.ranker.fit import build_model, gain_z, train_local
 from mmrank.ranker.metrics import evaluate_lists, rank_order
 
 DIMS = ModalityDims(text=8, image=6, audio=5)
@@ -119,3 +119,24 @@ def test_infonce_alignment_retrieves_a_products_own_image_and_matches_the_model(
     want = 10 * aligned_cosines(b, state)[typed.numpy()][..., 0]
     assert np.allclose(s.numpy()[present], want[present], atol=1e-4)
     assert float(info_nce(torch.eye(4), torch.eye(4), 0.1)) < float(info_nce(torch.eye(4), torch.eye(4).flip(0), 0.1))
+
+
+def test_gain_z_is_the_paired_t_statistic_of_the_per_list_gains():
+    gains = np.array([0.1, -0.05, 0.2, 0.0, 0.15])
+    z = gain_z([gains.sum(), (gains ** 2).sum(), len(gains)])
+    assert z == pytest.approx(gains.mean() / (gains.std(ddof=1) / np.sqrt(len(gains))))
+    assert gain_z([0.3, 0.03, 3]) == np.inf and gain_z([0.0, 0.0, 0]) != gain_z([0.0, 0.0, 0])   # nan: no lists
+
+
+def test_gate_keeps_the_prior_when_the_validation_gain_is_within_noise():
+    """Noise grades and a handful of validation lists: some epoch beats the prior on validation by chance (taken
+    with the gate off); with the default gate that gain is not evidence, so the prior's ranking is kept."""
+    train, val = batch(64, seed=1), batch(6, seed=8)
+    cfg = {**SMALL, "lr": 3e-2, "max_epochs": 8, "patience": 8}
+    _, loose = train_local(train, val, DIMS, TrainConf(**cfg, prior_gate_z=0.0))
+    assert loose.best_epoch >= 0 and loose.best_metrics["ndcg@10"] > loose.initial_metrics["ndcg@10"]
+    model, gated = train_local(train, val, DIMS, TrainConf(**cfg))
+    assert gated.best_epoch == -1 and TrainConf().prior_gate_z == 2.0
+    assert all(h["val_gain_z"] < 2.0 for h in gated.history if h["val_ndcg@10"] > gated.initial_metrics["ndcg@10"])
+    with torch.no_grad():
+        assert np.array_equal(_order(model(val).numpy(), val), _order(similarity_scores(val), val))

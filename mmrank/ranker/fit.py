@@ -73,7 +73,7 @@ def _to(batch: Batch, device: torch.device) -> Batch:
 
 def _reduce(values: list[float], allreduce: Callable[[torch.Tensor], torch.Tensor] | None,
             device: torch.device | None = None) -> list[float]:
-    """Sum-or-average across ranks; callers only use ratios, so either reduction gives the same result.
+    """Sum across ranks (the backends' all-reduces sum: `gain_z` needs list counts, not only ratios).
 
     The tensor lives on `device` (the model's): an NCCL process group only carries CUDA tensors, and a
     `cpu:gloo,cuda:nccl` group (`process_group_backend`) routes each tensor by its device.
@@ -132,11 +132,13 @@ def _train_epoch(model: nn.Module, data: Iterable[Batch], opt: torch.optim.Optim
 
 
 @torch.no_grad()
-def validation_sums(model: nn.Module, data: Iterable[Batch]) -> list[float]:
-    """[sum, count] per VAL_KEYS (flattened) over lists with a relevant item (rule `skip`), for all-reduce."""
+def validation_sums(model: nn.Module, data: Iterable[Batch], paired: str | None = None) -> list[float]:
+    """[sum, count] per VAL_KEYS (flattened) over lists with a relevant item (rule `skip`), for all-reduce.
+    With `paired` (a VAL_KEYS metric) and a model with a prior (`prior_scores`), three more entries: the sum and
+    sum of squares of the per-list gain of `paired` over the prior's ranking, and their count."""
     model.eval()
     device = _device(model)
-    sums = np.zeros(2 * len(VAL_KEYS))
+    sums = np.zeros(2 * len(VAL_KEYS) + (3 if paired else 0))
     for batch in data:
         batch = _to(batch, device)
         scores, grades = model(batch).cpu().numpy(), batch["grades"].cpu().numpy()
@@ -145,7 +147,24 @@ def validation_sums(model: nn.Module, data: Iterable[Batch]) -> list[float]:
         for i, key in enumerate(VAL_KEYS):
             sums[2 * i] += values[key][hr].sum()
             sums[2 * i + 1] += hr.sum()
+        prior = model.prior_scores(batch) if paired and hasattr(model, "prior_scores") else None
+        if prior is not None:
+            gain = (values[paired] - per_list_metrics(prior.cpu().numpy(), grades, VAL_KS)[paired])[hr]
+            sums[-3:] += (gain.sum(), (gain ** 2).sum(), hr.sum())
     return sums.tolist()
+
+
+def gain_z(sums: list[float]) -> float:
+    """Paired z of the mean per-list gain over the prior from `validation_sums`' last three entries (sum, sum of
+    squares, count): mean / (sd / sqrt(n)); +inf for a positive gain without spread, nan without lists."""
+    total, squares, n = sums
+    if n < 1:
+        return float("nan")
+    mean = total / n
+    var = max(squares / n - mean * mean, 0.0) * n / max(n - 1, 1)
+    if var <= 1e-12 * (mean * mean + 1e-12):  # no spread (up to rounding)
+        return math.inf if mean > 0 else 0.0
+    return mean / math.sqrt(var / n)
 
 
 def _metrics_from_sums(sums: list[float]) -> dict[str, float]:
@@ -198,13 +217,15 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
 
     `train_data(epoch)` / `val_data(epoch)` return this rank's batches for that epoch (shuffling must be
     seeded by epoch). `loss`: a loss function or registered name; default `cfg.loss`. `allreduce(t)` is
-    applied to a float64 tensor of sums/counts (train loss and validation metrics); it may sum or average.
+    applied to a float64 tensor of sums/counts (train loss and validation metrics) and must sum.
     Rank 0 writes `checkpoint_dir/checkpoint.pt` after every epoch (model, optimizer, epoch, best metric and
     weights, history, RNG state); `resume=True` continues after the last checkpointed epoch (every rank reads
     it). `on_epoch_end(epoch, record)` may return True to stop. The untrained model is validated first and is the
     one to beat: an epoch's weights are kept only when they improve on it (a model whose untrained ranking is a
-    prior never ends below that prior on validation). At the end the model holds the best weights (best validation
-    value of that metric; the first epoch's if validation never had a relevant item), in eval mode.
+    prior never ends below that prior on validation) and, with a prior, only when the paired per-list gain over
+    the prior's ranking is at least `cfg.prior_gate_z` standard errors (`gain_z`; history gets `val_gain_z`).
+    At the end the model holds the best weights (best validation value of that metric; the first epoch's if
+    validation never had a relevant item), in eval mode.
     `world_size` is informational (data sharding is the data callables' job).
     """
     loss_fn = get_loss(loss or cfg.loss) if loss is None or isinstance(loss, str) else loss
@@ -216,6 +237,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     ckpt_path = _checkpoint_file(checkpoint_dir) if checkpoint_dir else None
 
     watch = cfg.early_stopping_metric
+    gate = watch if getattr(cfg, "prior", "none") != "none" and cfg.prior_gate_z > 0 else None
     start, best, best_epoch, bad, history = 0, float("nan"), -1, 0, []
     best_state, best_metrics, stopped = _state_copy(model), {k: float("nan") for k in VAL_KEYS}, False
     initial: dict[str, float] = {}
@@ -248,12 +270,16 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
             loss_sum, n = _train_epoch(model, train_data(epoch), opt, loss_fn, device, amp)
             seconds = time.perf_counter() - t0
             train_seconds, train_lists = train_seconds + seconds, train_lists + n
-            red = _reduce([loss_sum, n] + validation_sums(model, val_data(epoch)), allreduce, device)
-            metrics = _metrics_from_sums(red[2:])
+            red = _reduce([loss_sum, n] + validation_sums(model, val_data(epoch), gate), allreduce, device)
+            metrics = _metrics_from_sums(red[2:2 + 2 * len(VAL_KEYS)])
+            z = gain_z(red[-3:]) if gate else math.inf
             record = {"epoch": epoch, "train_loss": red[0] / max(red[1], 1.0), "train_lists": n,
                       "seconds": seconds, **{f"val_{k}": v for k, v in metrics.items()}}
+            if gate:
+                record["val_gain_z"] = z
             history.append(record)
-            if _better(metrics[watch], best) or (best_epoch < 0 and math.isnan(metrics[watch])):
+            if (_better(metrics[watch], best) and not z < cfg.prior_gate_z) or \
+                    (best_epoch < 0 and math.isnan(metrics[watch])):
                 best, best_epoch, bad, best_metrics = metrics[watch], epoch, 0, metrics
                 best_state = _state_copy(model)
             else:

@@ -161,6 +161,14 @@ class FusionRanker(nn.Module):
         voice_prior = match[..., col[("audio", "direct")]] if ("audio", "direct") in col else 0.0 * text
         return torch.where(pair[..., -1] > 0, typed_prior, voice_prior)
 
+    @torch.no_grad()
+    def prior_scores(self, batch: Batch) -> torch.Tensor | None:
+        """[B, L] the prior alone (what the untrained model ranks by), or None without a prior."""
+        if self.cfg.prior == "none":
+            return None
+        _, _, mask, pair = self.encode(batch)
+        return self.prior(pair, mask)
+
     def fuse(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, L, P] fused product representation for the given (possibly occluded) mask."""
         return self.fusion(q, masked(z, mask), mask)
