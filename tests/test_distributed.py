@@ -60,7 +60,7 @@ def _ndcg10(model, batch) -> float:
 def test_local_backend_learns(dlh, local):
     untrained = _ndcg10(build_model(DIMS, dlh.cfg.train), _val_batch(dlh))
     assert local.fit.epochs_run == EPOCHS
-    assert local.fit.best_metrics["ndcg@10"] > untrained + 0.05
+    assert local.fit.best_metrics["ndcg@10"] > untrained + 0.3 * (1 - untrained)   # the untrained model is the prior
 
 
 def test_local_resume_is_bitwise_identical(dlh, local, tmp_path):

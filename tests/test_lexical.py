@@ -103,7 +103,8 @@ def test_stage_features_match_direct_computation_and_rerun_is_incremental(lh):
     assert {t: lh.checksum(t) for t in before} == before
     changed = [("p1", "Simpson Strong-Tie Corner Bracket", "Simpson", "Hardware", None), *PRODUCTS[1:4]]
     c3 = lexical.run(lh, D2) if _write(lh, changed, QUERIES, D2) is None else None
-    assert c3["tokenized_product"] == 2 and c3["tokenized_query"] == 0 and c3["deleted"] == 2   # p5 title+all
+    assert c3["tokenized_product"] == 2 and c3["tokenized_query"] == 0    # p1: title + all re-tokenized
+    assert c3["deleted"] == 3 and c3["unchanged"] == again["unchanged"] - 2 - 3   # gone: p5 title, category, all
     toks = lh.read("lexical_tokens")
     assert toks.where("id = 'p5'").count() == 0
     assert toks.where("id = 'p1' AND field = 'title'").first()["tokens"] == ["simpson", "strong", "tie", "corner",

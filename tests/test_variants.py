@@ -63,8 +63,10 @@ def test_every_fusion_and_head_trains_saves_loads_and_scores(splits, tmp_path, f
     model, res = train_local(splits["train"], splits["validation"], DIMS, cfg)
     assert res.epochs_run == 2 and all(np.isfinite(h["train_loss"]) for h in res.history)
     _contract(model, splits["test"], tmp_path)
-    if head == "logistic":
-        s = model(splits["test"])
+    if head == "logistic":   # the head's output (the correction added to the scaled prior) is a probability
+        b = splits["test"]
+        with torch.no_grad():
+            s = model(b) - model.prior_log_scale.exp() * model.prior_scores(b)
         assert ((s > 0) & (s < 1)).all()
 
 
@@ -87,7 +89,7 @@ def test_fusions_registered_and_pool_absent_modalities_out():
 
 def test_weighted_sum_learns_global_weights_exposed_as_gate_weights(splits):
     model, _ = train_local(splits["train"], splits["validation"], DIMS,
-                           TrainConf(fusion="weighted_sum", **{**SMALL, "max_epochs": 4}))
+                           TrainConf(fusion="weighted_sum", prior="none", **{**SMALL, "max_epochs": 4}))
     assert model.fusion.alpha_logits.abs().sum() > 0                          # the alphas moved
     w = model.gate_weights(splits["test"])
     present = splits["test"]["p_mask"] > 0
@@ -156,7 +158,7 @@ def test_pruning_and_int8_alone_and_together(splits):
     from mmrank.ranker import ablation
 
     # wide enough that the weights, not torch.save's container, dominate the measured size
-    wide = TrainConf(**{**SMALL, "proj_dim": 64, "hidden_dim": 128})
+    wide = TrainConf(**{**SMALL, "proj_dim": 64, "hidden_dim": 128}, prior="none")   # no zero-initialised layer
     model, _ = train_local(splits["train"], splits["validation"], DIMS, wide)
     dense = model_size(model)
     pruned = prune_model(train_local(splits["train"], splits["validation"], DIMS, wide)[0], 0.8)

@@ -147,7 +147,8 @@ def validation_sums(model: nn.Module, data: Iterable[Batch], paired: str | None 
         for i, key in enumerate(VAL_KEYS):
             sums[2 * i] += values[key][hr].sum()
             sums[2 * i + 1] += hr.sum()
-        prior = model.prior_scores(batch) if paired and hasattr(model, "prior_scores") else None
+        inner = getattr(model, "module", model)                    # a DDP-wrapped model holds it in .module
+        prior = inner.prior_scores(batch) if paired and hasattr(inner, "prior_scores") else None
         if prior is not None:
             gain = (values[paired] - per_list_metrics(prior.cpu().numpy(), grades, VAL_KS)[paired])[hr]
             sums[-3:] += (gain.sum(), (gain ** 2).sum(), hr.sum())

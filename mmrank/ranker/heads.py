@@ -7,6 +7,9 @@ Every head is registered in `mmrank.registry.HEADS` (config `train.head`) and bu
 - `linear`: one Linear layer, a weighted sum of the features (a linear ranker on learned representations);
 - `logistic`: the same Linear followed by a sigmoid, so a score is a relevance probability in (0, 1); the
   ranking losses still apply (they only compare scores), though the bounded range flattens their gradients.
+
+With a prior (`train.prior`, `mmrank.ranker.model`) the head's output is the correction added to the scaled
+prior, its last Linear zero-initialised: a `logistic` head's output is then the probability, not the score.
 """
 from __future__ import annotations
 

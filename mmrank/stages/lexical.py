@@ -39,8 +39,8 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
         counts = {f"tokenized_{k}": 0 for k in ("product", "query")}
         counts.update({f"tokenized_{r['kind']}": int(r["count"]) for r in new.groupBy("kind").count().collect()})
         kept = have.join(cands.select(*_KEYS, "content_hash"), [*_KEYS, "content_hash"], "left_semi")
-        n_have, n_kept = have.count(), kept.count()
-        counts["unchanged"], counts["deleted"] = n_kept, n_have - n_kept
+        counts["unchanged"] = kept.count()
+        counts["deleted"] = have.join(cands.select(*_KEYS), _KEYS, "left_anti").count()   # gone, not replaced
         changed = counts["tokenized_product"] + counts["tokenized_query"] + counts["deleted"] > 0
         if changed:
             lh.merge("lexical_tokens", new.unionByName(kept.select(*new.columns)), delete_missing=F.lit(True))
