@@ -16,12 +16,14 @@ from mmrank.lakehouse import Lakehouse
 from mmrank.stages import generate, ingest
 
 CONF = REPO_ROOT / "conf" / "databricks.yaml"
-JOB_OF_STAGE = {"ingest": "ingest", "labels": "labels", "featurize": "featurize", "training_lists": "build_lists",
+JOB_OF_STAGE = {"ingest": "ingest", "labels": "labels", "featurize": "featurize", "lexical": "lexical",
+                "training_lists": "build_lists",
                 "train": "train", "promote": "promote", "score": "score", "evaluate": "evaluate", "report": "nightly"}
-CPU_TASKS = {"ingest", "labels", "build_lists", "promote", "score", "evaluate", "report"}
+CPU_TASKS = {"ingest", "labels", "lexical", "build_lists", "promote", "score", "evaluate", "report"}
 GPU_TASKS = {"featurize", "train"}
-NEEDS = {"labels": {"ingest"}, "featurize": {"ingest"}, "build_lists": {"labels", "featurize"},
-         "train": {"build_lists"}, "promote": {"train"}, "score": {"promote", "featurize"}, "evaluate": {"score"}}
+NEEDS = {"labels": {"ingest"}, "featurize": {"ingest"}, "lexical": {"ingest"},
+         "build_lists": {"labels", "featurize", "lexical"}, "train": {"build_lists"}, "promote": {"train"},
+         "score": {"promote", "featurize", "lexical"}, "evaluate": {"score"}}
 D = dt.date(2026, 11, 21)
 
 
