@@ -129,7 +129,8 @@ class FusionRanker(nn.Module):
                       for m in ALIGNED]
         for q, qi, p, pi in pairs:
             q = masked(q, batch["q_mask"][:, qi]).unsqueeze(1)       # absent -> 0 -> cosine 0
-            cos.append(nn.functional.cosine_similarity(q, masked(p, batch["p_mask"][..., pi]), dim=-1, eps=1e-8))
+            p = masked(p, batch["p_mask"][..., pi])      # fp32: under fp16 autocast eps underflows, 0/0 = nan
+            cos.append(nn.functional.cosine_similarity(q.float(), p.float(), dim=-1, eps=1e-8))
         return torch.stack(cos, dim=-1)
 
     def _pair(self, batch: Batch) -> torch.Tensor:
