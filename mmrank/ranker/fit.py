@@ -238,7 +238,7 @@ def fit(model: nn.Module, train_data: DataFn, val_data: DataFn, cfg: TrainConf, 
     ckpt_path = _checkpoint_file(checkpoint_dir) if checkpoint_dir else None
 
     watch = cfg.early_stopping_metric
-    gate = watch if getattr(cfg, "prior", "none") != "none" and cfg.prior_gate_z > 0 else None
+    gate = watch if cfg.prior != "none" and cfg.prior_gate_z > 0 else None
     start, best, best_epoch, bad, history = 0, float("nan"), -1, 0, []
     best_state, best_metrics, stopped = _state_copy(model), {k: float("nan") for k in VAL_KEYS}, False
     initial: dict[str, float] = {}
