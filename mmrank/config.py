@@ -118,8 +118,6 @@ class GeneratorConf(_Section):
 class IngestConf(_Section):
     max_text_chars: int = Field(20_000, ge=100, description="longer text is quarantined, not truncated")
     max_file_bytes: int = Field(20_000_000, ge=1)
-    max_listed_files: int = Field(5000, ge=1, description="up to this many referenced media files are read "
-                                  "by explicit path; more are read by listing their folders")
     fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
     fashion_n_queries: int = Field(500, ge=1, description="queries derived by the fashion protocol")
     fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
@@ -134,6 +132,10 @@ class LabelsConf(_Section):
     propensity: Literal["ipw", "none"] = "ipw"
     propensity_clip: float = Field(10.0, ge=1.0, description="max inverse-propensity weight")
     min_impressions: int = Field(1, ge=1)
+    em_max_evals: int = Field(60, ge=3, description="position-bias fit: at most this many passes over the log's "
+                              "(query, product, position) aggregates (one Spark job each)")
+    em_tol: float = Field(1e-4, gt=0, description="position-bias fit stops when no normalised propensity moves "
+                          "more than this")
 
 
 class _EncoderConf(_PathChecked):
@@ -274,6 +276,8 @@ class ScoreConf(_Section):
     top_n: int = Field(50, ge=1)
     batch_size: int = Field(1024, ge=1)
     quantize: bool = False
+    bucket_mb: float = Field(256.0, gt=0, description="scoring reads features in id buckets of at most this many MB "
+                           "of embeddings per side; a task holds one query and one product bucket")
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -294,8 +298,14 @@ class EvaluateConf(_Section):
     ks: list[int] = [5, 10]
     no_relevant: Literal["skip", "zero", "one"] = Field(
         "skip", description="how queries with no relevant item count in NDCG/MAP/MRR means")
-    baselines: bool = Field(True, description="also train/evaluate single-modality, concat vs gated fusion "
-                            "and LightGBM models; False = latest artifact + similarity baseline only (cheap)")
+    baselines: bool = Field(True, description="train/evaluate the single-modality, concat vs gated fusion and "
+                            "LightGBM baselines when due (baselines_every_days); False = only on demand "
+                            "(jobs/evaluate.py --baselines); the shipped models are evaluated every night")
+    baselines_every_days: int = Field(7, ge=1, description="retrain the baselines when the dataset has no "
+                                      "baseline metrics from the previous N-1 days (1 = every night)")
+    driver_max_lists: int = Field(2000, ge=1, description="at most this many lists of a split are read to the "
+                                  "driver (baseline training, notebooks); larger splits are sampled by a seeded "
+                                  "hash. Memory ~ lists x list_size x (sum of embedding widths) x 4 bytes")
     lgbm_pca_dim: int = Field(16, ge=1, description="PCA components per embedding in LightGBM features")
     lgbm_params: dict[str, Any] = Field(
         default_factory=lambda: {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15,

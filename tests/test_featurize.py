@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 import numpy as np
 import pytest
@@ -17,11 +18,16 @@ D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
 GOOD_JPEG = image_bytes((200, 30, 30), size=64, fmt="JPEG")
 
 
+def sha(b):
+    return None if b is None else hashlib.sha256(b).hexdigest()
+
+
 def product(pid, title, image=None, audio=None, description="a product", brand="acme", category="shoes"):
     h = f"{title}|{description}|{hash(image)}|{hash(audio)}"
     return Row(product_id=pid, title=title, description=description, brand=brand, category=category,
-               attributes={}, image_uri=None, image_bytes=image, audio_uri=None, audio_bytes=audio,
-               source="test", content_hash=h, run_date=D1, ingested_at=dt.datetime(2026, 11, 1))
+               attributes={}, image_uri=None, image_bytes=image, image_hash=sha(image), audio_uri=None,
+               audio_bytes=audio, audio_hash=sha(audio), source="test", content_hash=h, run_date=D1,
+               ingested_at=dt.datetime(2026, 11, 1))
 
 
 def products(lh, rows):
@@ -54,10 +60,10 @@ def test_featurize_incremental_quarantine_and_deletes(flh):
     ])
     qschema = lh.read("queries").schema
     lh.merge("queries", lh.spark.createDataFrame([
-        Row(query_id="q1", query_text="red shoe", query_audio=None, kind="typed", source="t", content_hash="a",
-            run_date=D1),
-        Row(query_id="q2", query_text=None, query_audio=wav_bytes(300, seed=5), kind="voice", source="t",
-            content_hash="b", run_date=D1),
+        Row(query_id="q1", query_text="red shoe", query_audio=None, audio_hash=None, kind="typed", source="t",
+            content_hash="a", run_date=D1),
+        Row(query_id="q2", query_text=None, query_audio=wav_bytes(300, seed=5),
+            audio_hash=sha(wav_bytes(300, seed=5)), kind="voice", source="t", content_hash="b", run_date=D1),
     ], schema=qschema))
 
     c1 = featurize.run(lh, D1)

@@ -59,14 +59,22 @@ class FusionRanker(nn.Module):
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities` (no modality dropout),
         match [B, L, len(MATCHED)] raw query-product cosines, 0 where the query lacks the modality)."""
+        z, mask = self._encode_products(batch)
+        return self._encode_queries(batch), z, mask, self._match(batch)
+
+    def _encode_queries(self, batch: Batch) -> torch.Tensor:
+        """q [B, P]: masked mean of the present query modalities' projections (0 if none)."""
         q_mask = batch["q_mask"]
         q_parts = torch.stack([masked(self.query_proj[m](masked(batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
                                for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
-        q = q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    def _encode_products(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [..., 3, P] masked projections, mask [..., 3] after `cfg.modalities`) of the products."""
         mask = batch["p_mask"] * self.allowed
         z = torch.stack([self.product_proj[m](masked(batch[f"p_{m}"], mask[..., i]))
-                         for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
-        return q, masked(z, mask), mask, self._match(batch)
+                         for i, m in enumerate(PRODUCT_MODALITIES)], dim=-2)             # [..., 3, P]
+        return masked(z, mask), mask
 
     def _match(self, batch: Batch) -> torch.Tensor:
         B, L = batch["p_mask"].shape[:2]
@@ -117,18 +125,22 @@ class FusionRanker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            q, z, mask, match = self.encode(batch)
-            full = self.score(q, z, mask, match)
-            out = torch.zeros_like(mask)
-            for i in range(N_PRODUCT_MODALITIES):
-                if not bool((mask[..., i] > 0).any()):
-                    continue
-                occluded = mask.clone()
-                occluded[..., i] = 0.0
-                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, match), 0.0)
-            return full, out
+            return self._with_contributions(*self.encode(batch))
         finally:
             self.train(was_training)
+
+    def _with_contributions(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, match: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, occlusion contributions) from encoded inputs (see `score_and_contributions`)."""
+        full = self.score(q, z, mask, match)
+        out = torch.zeros_like(mask)
+        for i in range(N_PRODUCT_MODALITIES):
+            if not bool((mask[..., i] > 0).any()):
+                continue
+            occluded = mask.clone()
+            occluded[..., i] = 0.0
+            out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, match), 0.0)
+        return full, out
 
     def contributions(self, batch: Batch) -> torch.Tensor:
         """[B, L, 3] per-modality occlusion contributions (see `score_and_contributions`)."""
@@ -142,3 +154,49 @@ class FusionRanker(nn.Module):
             raise ValueError(f"gate_weights needs a weighting fusion (e.g. gated); train.fusion is {self.cfg.fusion!r}")
         q, z, mask, _ = self.encode(batch)
         return self.fusion.weights(q, z, mask)
+
+    # ---- scoring pairs from per-item codes: each query and product encoded once ---------------------------
+    @torch.no_grad()
+    def encode_queries(self, q_text: torch.Tensor, q_audio: torch.Tensor, q_mask: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        """Codes of N queries (inputs shaped as in a batch: [N, D], mask [N, 2]): `q` [N, P] and, per matched
+        modality, the masked embedding scaled to unit length (zero when absent), for the match cosines."""
+        batch = {"q_text": q_text, "q_audio": q_audio, "q_mask": q_mask}
+        codes = {"q": self._encode_queries(batch)}
+        for m, qi in zip(MATCHED, _MATCHED_QUERY):
+            codes[m] = _unit(masked(batch[f"q_{m}"], q_mask[:, qi]))
+        return codes
+
+    @torch.no_grad()
+    def encode_products(self, p_text: torch.Tensor, p_image: torch.Tensor, p_audio: torch.Tensor,
+                        p_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Codes of N products ([N, D] inputs, mask [N, 3]): `z` [N, 3, P], `mask` [N, 3] after
+        `cfg.modalities`, and the unit-length masked embeddings of the matched modalities."""
+        batch = {"p_text": p_text, "p_image": p_image, "p_audio": p_audio, "p_mask": p_mask}
+        z, mask = self._encode_products(batch)
+        codes = {"z": z, "mask": mask}
+        for m, pi in zip(MATCHED, _MATCHED_PRODUCT):
+            codes[m] = _unit(masked(batch[f"p_{m}"], p_mask[:, pi]))
+        return codes
+
+    @torch.no_grad()
+    def score_codes(self, queries: dict[str, torch.Tensor], products: dict[str, torch.Tensor],
+                    qi: torch.Tensor, pi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [n], contributions [n, 3]) of the pairs (queries[qi[j]], products[pi[j]]) from
+        `encode_queries` / `encode_products` codes: what `score_and_contributions` gives for the same pairs as
+        lists of one (equal up to float rounding), without encoding a query or product twice. Eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            match = (torch.stack([(queries[m][qi] * products[m][pi]).sum(-1) for m in MATCHED], dim=-1)
+                     if self.n_match else products["mask"].new_zeros(len(pi), 0))
+            s, c = self._with_contributions(queries["q"][qi], products["z"][pi].unsqueeze(1),
+                                            products["mask"][pi].unsqueeze(1), match.unsqueeze(1))
+            return s[:, 0], c[:, 0]
+        finally:
+            self.train(was_training)
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero), the normalisation inside the match cosines."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)

@@ -1,36 +1,30 @@
 """The mapper of scoring: a trained FusionRanker applied to (query, product) pairs with their features.
 
-- Plain numpy/PyTorch (`score_pairs`, `score_frame`, `score_arrow`): usable outside Spark (tests, benchmarks,
-  notebooks). Pairs whose query or product lack some modality are scored with masks (absent modality = zero
-  vector, mask 0), exactly as in training.
-- Inside Spark (`score_df`): an iterator `mapInArrow` (default; engine `pandas` = the same scorer through
-  `mapInPandas`, slower because every embedding becomes a numpy object per row). The model is loaded once per
-  worker process (`load_scorer`, cached by artifacts dir + version + quantize) and called on exact
-  `score.batch_size` chunks, with one torch thread per task cpu.
+- Plain numpy/PyTorch (`score_pairs`, `score_frame`): usable outside Spark (tests, notebooks). Pairs whose
+  query or product lack some modality are scored with masks (absent modality = zero vector, mask 0), exactly as
+  in training.
+- Inside Spark, `mmrank.scoring.lookup.score_by_key` ships keys only and scores from per-item codes; the model
+  is loaded once per worker process (`load_scorer`, cached by artifacts dir + version + quantize).
 - `quantize_model`: int8 dynamic quantization of every `nn.Linear` (CPU). Dynamic quantization scales
-  activations per batch, so scores depend (slightly) on batch composition; `score_df` hash-partitions and
-  sorts pairs by key first, so a re-run is bit-identical.
+  activations per batch, so scores depend (slightly) on batch composition; `score_by_key` partitions and sorts
+  pairs by key first, so a re-run is bit-identical.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import DataFrame
 
-from mmrank.encoders.device import set_threads, task_threads
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 
 log = logging.getLogger("mmrank.scoring")
 
 QUANT_SUFFIX = "+int8"
-SCORED_SCHEMA = ("query_id string, product_id string, score float, contrib_text float, contrib_image float, "
-                 "contrib_audio float")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -97,7 +91,8 @@ def load_scorer(artifacts_dir: str, version: str, quantize: bool = False) -> tup
 # ---------------------------------------------------------------------------------------------------------
 # mapper: plain numpy/PyTorch scoring, callable outside Spark
 # ---------------------------------------------------------------------------------------------------------
-def _model_device(model):
+def model_device(model):
+    """The device of a model's parameters (cpu for a model without any)."""
     import torch
 
     for p in model.parameters():
@@ -169,7 +164,7 @@ def score_pairs(model, query_feats: Mapping[str, Any], product_feats: Mapping[st
     if model.training:
         model.eval()  # scoring is deterministic: no dropout / modality dropout
     dims = dims or model.dims.as_dict()
-    batch = make_pair_batch(query_feats, product_feats, dims, device=_model_device(model))
+    batch = make_pair_batch(query_feats, product_feats, dims, device=model_device(model))
     scores, contrib = _score_and_contrib(model, batch)
     return (scores[:, 0].float().cpu().numpy().astype(np.float32),
             contrib[:, 0, :].float().cpu().numpy().astype(np.float32))
@@ -213,133 +208,3 @@ def score_frame(model, pdf: pd.DataFrame, dims: Mapping[str, int]) -> pd.DataFra
     return pd.DataFrame({"query_id": pdf["query_id"].to_numpy(), "product_id": pdf["product_id"].to_numpy(),
                          "score": scores, "contrib_text": contrib[:, 0], "contrib_image": contrib[:, 1],
                          "contrib_audio": contrib[:, 2]})
-
-
-def rechunk(frames: Iterator[pd.DataFrame], size: int) -> Iterator[pd.DataFrame]:
-    """Re-cut a stream of frames into frames of exactly `size` rows (the last one may be shorter)."""
-    buf: list[pd.DataFrame] = []
-    have = 0
-    for f in frames:
-        while len(f):
-            take = f.iloc[: size - have]
-            f = f.iloc[len(take):]
-            buf.append(take)
-            have += len(take)
-            if have == size:
-                yield pd.concat(buf, ignore_index=True) if len(buf) > 1 else buf[0].reset_index(drop=True)
-                buf, have = [], 0
-    if have:
-        yield pd.concat(buf, ignore_index=True)
-
-
-def make_partition_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size: int):
-    """The iterator function for `mapInPandas`: loads the model once per worker, scores exact batches."""
-
-    def _score_partition(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        set_threads(task_threads())
-        model, _ = load_scorer(artifacts_dir, version, quantize)
-        dims = model.dims.as_dict()
-        for chunk in rechunk(frames, batch_size):
-            yield score_frame(model, chunk, dims)
-
-    return _score_partition
-
-
-def arrow_matrix(col, dim: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """An Arrow list<float> column -> ([N, dim] float32, zeros for nulls; presence [N]) without per-row
-    Python objects (the flat child values are reshaped; null lists have no values)."""
-    import pyarrow as pa
-
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    n = len(col)
-    present = np.asarray(col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    k = int(present.sum())
-    if flat.size != k * dim:
-        lens = sorted(set(col.value_lengths().drop_null().to_pylist()))
-        raise ValueError(f"{name} embeddings have lengths {lens}; the model expects {dim}")
-    if k == n:
-        return np.ascontiguousarray(flat.reshape(n, dim), dtype=np.float32), present.astype(np.float32)
-    out = np.zeros((n, dim), np.float32)
-    out[present] = flat.reshape(k, dim)
-    return out, present.astype(np.float32)
-
-
-def score_arrow(model, rb, dims: Mapping[str, int]):
-    """`score_frame` for a pyarrow RecordBatch/Table of pairs (the `mapInArrow` path) -> RecordBatch."""
-    import pyarrow as pa
-
-    q, qmask, p, pmask = {}, [], {}, []
-    for m in QUERY_MODALITIES:
-        q[m], pres = arrow_matrix(rb.column(f"q_{m}"), dims[m], f"query {m}")
-        qmask.append(pres)
-    for m in PRODUCT_MODALITIES:
-        p[m], pres = arrow_matrix(rb.column(f"p_{m}"), dims[m], f"product {m}")
-        pmask.append(pres)
-    q["mask"], p["mask"] = np.stack(qmask, 1), np.stack(pmask, 1)
-    scores, contrib = score_pairs(model, q, p, dims)
-    return pa.RecordBatch.from_arrays(
-        [rb.column("query_id"), rb.column("product_id"), pa.array(scores, pa.float32()),
-         pa.array(contrib[:, 0], pa.float32()), pa.array(contrib[:, 1], pa.float32()),
-         pa.array(contrib[:, 2], pa.float32())],
-        names=["query_id", "product_id", "score", "contrib_text", "contrib_image", "contrib_audio"])
-
-
-def rechunk_arrow(batches, size: int):
-    """Re-cut a stream of RecordBatches into RecordBatches of exactly `size` rows (the last may be shorter)."""
-    import pyarrow as pa
-
-    def one(t):
-        return t.combine_chunks().to_batches()[0]
-
-    buf, have = [], 0
-    for b in batches:
-        if not b.num_rows:
-            continue
-        buf.append(b)
-        have += b.num_rows
-        while have >= size:
-            t = pa.Table.from_batches(buf)
-            yield one(t.slice(0, size))
-            rest = t.slice(size)
-            buf, have = [r for r in rest.to_batches() if r.num_rows], rest.num_rows
-    if have:
-        yield one(pa.Table.from_batches(buf))
-
-
-def make_arrow_partition_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size: int):
-    """The iterator function for `mapInArrow`: as `make_partition_scorer`, but Arrow list columns are
-    reshaped to matrices without materialising one numpy object per row (5x less conversion time)."""
-
-    def _score_partition(batches):
-        set_threads(task_threads())
-        model, _ = load_scorer(artifacts_dir, version, quantize)
-        dims = model.dims.as_dict()
-        for chunk in rechunk_arrow(batches, batch_size):
-            if chunk.num_rows:
-                yield score_arrow(model, chunk, dims)
-
-    return _score_partition
-
-
-ENGINES = ("arrow", "pandas")
-
-
-def score_df(pairs: DataFrame, artifacts_dir: str, version: str, quantize: bool, batch_size: int,
-             num_partitions: int | None = None, engine: str = "arrow") -> DataFrame:
-    """Score a DataFrame of pairs with features (see `score_frame`) with an iterator `mapInArrow`
-    (engine `arrow`, default) or `mapInPandas` (engine `pandas`); same model cache, batching and output.
-
-    Pairs are hash-partitioned by query_id and sorted by key first, so batch composition (and with int8
-    dynamic quantization, the scores) are identical across re-runs.
-    """
-    n = num_partitions or int(pairs.sparkSession.conf.get("spark.sql.shuffle.partitions"))
-    ordered = pairs.repartition(n, "query_id").sortWithinPartitions("query_id", "product_id")
-    if engine == "arrow":
-        return ordered.mapInArrow(make_arrow_partition_scorer(artifacts_dir, version, quantize, batch_size),
-                                  SCORED_SCHEMA)
-    if engine == "pandas":
-        return ordered.mapInPandas(make_partition_scorer(artifacts_dir, version, quantize, batch_size),
-                                   SCORED_SCHEMA)
-    raise ValueError(f"engine {engine!r}: expected one of {ENGINES}")
