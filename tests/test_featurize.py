@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 import pytest
 from pyspark.sql import Row
+from pyspark.sql import functions as F
 
 from mmrank.stages import featurize
 from mmrank.testing.media import image_bytes, wav_bytes
@@ -14,7 +15,7 @@ from mmrank.lakehouse import Lakehouse
 from tests.conftest import make_config
 from tests.test_encoders import tiny_bert_dir
 
-D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+D1, D2, D3, D4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
 GOOD_JPEG = image_bytes((200, 30, 30), size=64, fmt="JPEG")
 
 
@@ -96,8 +97,20 @@ def test_featurize_incremental_quarantine_and_deletes(flh):
     assert pf3["p1", "text"]["run_date"] == D3 and pf3["p1", "image"]["run_date"] == D1
     assert pf3["p1", "image"]["content_hash"] == p1_image_before["content_hash"]
     assert ("p2", "image") not in pf3 and ("p2", "text") in pf3
+    # the MERGE moved the one new text embedding and one key to delete, not the unchanged rest of the table
+    from delta.tables import DeltaTable
+
+    merge = DeltaTable.forPath(lh.spark, lh.location("product_features")).history(1).first()
+    assert merge["operation"] == "MERGE" and merge["operationMetrics"]["numSourceRows"] == "2"
+    assert c3["deleted_products"] == 1 and c3["deleted_queries"] == 0
+    # what changed is decided from the hashes stored at ingest: a new image_hash (same bytes) re-encodes the
+    # image; the bytes themselves are only read for the items being encoded
+    p1 = lh.read("products").where("product_id = 'p1'").withColumn("image_hash", F.lit("new-hash"))
+    lh.merge("products", p1.withColumn("content_hash", F.lit("changed")))
+    c4 = featurize.run(lh, D4)
+    assert c4["encoded"] == 1 and c4["encoded_products_image"] == 1
     runs = lh.read("runs").where("stage = 'featurize'").select("run_date", "status", "counts").collect()
-    assert len(runs) == 3 and all(r["status"] == "succeeded" for r in runs)
+    assert len(runs) == 4 and all(r["status"] == "succeeded" for r in runs)
 
 
 def test_spark_path_matches_direct_encoder(flh):

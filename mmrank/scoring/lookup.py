@@ -133,9 +133,10 @@ def encode_side(model, side: str, feats: Mapping[str, np.ndarray]) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def score_indexed(model, queries: dict, products: dict, qi: np.ndarray, pi: np.ndarray,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores [n], contributions [n, 3]) of the pairs (qi[j], pi[j]) from codes, `batch_size` at a time."""
+def score_indexed(model, queries: dict, products: dict, qi: np.ndarray, pi: np.ndarray, batch_size: int,
+                  pair_features: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [n], contributions [n, 3]) of the pairs (qi[j], pi[j]) from codes, `batch_size` at a time.
+    `pair_features` [n, F] (per-pair values such as a lexical match) go to `score_codes(..., pair_features=)`."""
     import torch
 
     scores, contrib = [], []
@@ -144,7 +145,9 @@ def score_indexed(model, queries: dict, products: dict, qi: np.ndarray, pi: np.n
         for s in range(0, len(qi), batch_size):
             a = torch.from_numpy(np.asarray(qi[s:s + batch_size], np.int64)).to(device)
             b = torch.from_numpy(np.asarray(pi[s:s + batch_size], np.int64)).to(device)
-            sc, co = model.score_codes(queries, products, a, b)
+            kw = {} if pair_features is None else {
+                "pair_features": torch.from_numpy(np.ascontiguousarray(pair_features[s:s + batch_size])).to(device)}
+            sc, co = model.score_codes(queries, products, a, b, **kw)
             scores.append(sc.float().cpu().numpy())
             contrib.append(co.float().cpu().numpy())
     if not scores:
@@ -175,8 +178,10 @@ def _positions(index: pd.Index, keys: np.ndarray, side: str) -> np.ndarray:
     return rows
 
 
-def make_key_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size: int, snap: FeatureSnapshot):
-    """The `mapInArrow` function of `score_by_key`: (query_id, product_id, qb, pb) -> SCORED_SCHEMA rows."""
+def make_key_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size: int, snap: FeatureSnapshot,
+                    pair_features: tuple[str, ...] = ()):
+    """The `mapInArrow` function of `score_by_key`: (query_id, product_id, qb, pb, *pair_features) ->
+    SCORED_SCHEMA rows."""
 
     def run(batches: Iterator) -> Iterator:
         import pyarrow as pa
@@ -195,8 +200,10 @@ def make_key_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size
                 part = b.slice(s, e - s)
                 qk = part.column("query_id").to_numpy(zero_copy_only=False)
                 pk = part.column("product_id").to_numpy(zero_copy_only=False)
+                extra = (np.stack([part.column(c).to_numpy(zero_copy_only=False) for c in pair_features], axis=1)
+                         .astype(np.float32) if pair_features else None)
                 sc, co = score_indexed(model, qc, pc_, _positions(qids, qk, "queries"),
-                                       _positions(pids, pk, "products"), batch_size)
+                                       _positions(pids, pk, "products"), batch_size, extra)
                 yield pa.RecordBatch.from_arrays(
                     [part.column("query_id"), part.column("product_id"), pa.array(sc)]
                     + [pa.array(co[:, i]) for i in range(co.shape[1])],
@@ -206,12 +213,15 @@ def make_key_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size
 
 
 def score_by_key(pairs: DataFrame, snap: FeatureSnapshot, artifacts_dir: str, version: str, quantize: bool,
-                 batch_size: int) -> DataFrame:
-    """Score (query_id, product_id) pairs whose features are in `snap` (see the module doc)."""
+                 batch_size: int, pair_features: tuple[str, ...] = ()) -> DataFrame:
+    """Score (query_id, product_id) pairs whose features are in `snap` (see the module doc). Numeric
+    `pair_features` columns of `pairs` (values that belong to the pair, not to either side) travel with the keys
+    and reach the model as `score_codes(..., pair_features=[n, F])`."""
     nq, npb = snap.query_buckets, snap.product_buckets
-    cells = (pairs.select("query_id", "product_id", bucket_of("query_id", nq).alias("qb"),
+    cells = (pairs.select("query_id", "product_id", *pair_features, bucket_of("query_id", nq).alias("qb"),
                           bucket_of("product_id", npb).alias("pb"))
              .withColumn("_cell", F.col("qb") * F.lit(npb) + F.col("pb")))
     ordered = (cells.repartitionByRange(nq * npb, "_cell")
                .sortWithinPartitions("_cell", "query_id", "product_id").drop("_cell"))
-    return ordered.mapInArrow(make_key_scorer(artifacts_dir, version, quantize, batch_size, snap), SCORED_SCHEMA)
+    return ordered.mapInArrow(make_key_scorer(artifacts_dir, version, quantize, batch_size, snap, pair_features),
+                              SCORED_SCHEMA)
