@@ -1,20 +1,30 @@
-"""Benchmark: encoder throughput through the Spark job path (mapInPandas) vs the same encoder called directly.
+"""Benchmark: encoder throughput through the Spark job path (mapInPandas) vs the same encoder called directly,
+and the cost of an incremental featurize night.
 
-    .venv/bin/python bench/featurize.py [--n N] [--repeats R] [--conf conf/local.yaml] [--set k=v ...]
+    python bench/featurize.py [--n 4096] [--repeats 1] [--incremental 4096] [--conf C] [--set k=v ...]
 
-Fair by construction: the same items, the same Arrow-sized chunks (spark.arrow_batch_size) split into the
-same encoder batches (features.<m>.batch_size), the same total threads: Spark local[2] with 2 partitions and
-1 torch thread per task vs direct with 2 torch threads in one process. Both are warmed up first (models
-loaded, one pass over a small slice). Items come from the lakehouse `products` table when it has rows,
-else a synthetic catalog (noisy colour images, tone clips, template titles) is built inline. With a GPU
-visible, the direct path is also measured on cuda with `features.precision` (auto = bf16).
+Throughput: the same items (a synthetic catalog: template titles, 96 px noisy colour images, 1 s tone clips;
+or the lakehouse `products` when it has `--n` rows), the same encoder batches (features.<m>.batch_size), the
+same cores. Spark: local[T], T partitions, 1 torch thread per task, from a cached DataFrame of the items to
+the last embedding (`noop` sink). Direct, without Spark, the better of: 1 process x T torch threads, and T
+spawned processes x 1 thread each encoding its share side by side. Each path is warmed up first (models
+loaded, one pass over a small slice). With a GPU visible, the direct path is also measured on cuda.
+
+Incremental (`--incremental N`, 0 = skip): a generated catalog of N products (+ N/10 queries) is ingested
+and featurized in full (timed), then 1% of the products get a new title and 1% a new image (MERGEd like an
+ingest), and featurize runs again (timed): the ratio is what a night with 1% changes costs.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,9 +38,9 @@ from mmrank.encoders.registry import get_encoder  # noqa: E402
 from mmrank.modalities import PRODUCT_MODALITIES as MODALITIES  # noqa: E402
 from mmrank.testing.media import image_bytes, wav_bytes  # noqa: E402
 
-THREADS = 2
 _WORDS = (["red", "blue", "green", "black", "white", "leather", "cotton", "wireless", "classic", "slim"],
           ["running shoe", "jacket", "mug", "speaker", "backpack", "sneaker", "dress", "headphones", "lamp"])
+RUN_DATE = dt.date(2026, 11, 21)
 
 
 def synthetic_items(n: int, seed: int = 0) -> dict[str, list]:
@@ -43,8 +53,6 @@ def synthetic_items(n: int, seed: int = 0) -> dict[str, list]:
 
 
 def lakehouse_items(lh, n: int) -> dict[str, list] | None:
-    from pyspark.sql import functions as F
-
     from mmrank.stages.featurize import product_text
 
     if not lh.exists("products"):
@@ -61,79 +69,147 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
-def time_direct(enc, batches: list[list]) -> float:
-    t0 = time.perf_counter()
-    for b in batches:
+def encode_all(enc, items: list) -> None:
+    for b in chunks(items, enc.batch_size):
         enc.encode_safe(b)
-    return time.perf_counter() - t0
 
 
-def time_spark(df, cfg: FeaturesConf) -> float:
+def shard_work(arg: tuple) -> Callable[[], None]:
+    """Process setup for `side_by_side`: one torch thread, the encoder, this process's share of the items."""
+    modality, cfg_json, items = arg
+    set_threads(1)
+    enc = get_encoder(modality, FeaturesConf.model_validate_json(cfg_json))
+    return lambda: encode_all(enc, items)
+
+
+def time_spark(df, cfg: FeaturesConf, parts: int) -> float:
     from mmrank.stages.featurize import encode_frame
 
     t0 = time.perf_counter()
-    encode_frame(df, cfg, THREADS).write.format("noop").mode("overwrite").save()
+    encode_frame(df, cfg, parts).write.format("noop").mode("overwrite").save()
     return time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=256, help="items per modality")
-    ap.add_argument("--repeats", type=int, default=1, help="timed passes per path (best is reported)")
-    ap.add_argument("--conf", default=None)
-    ap.add_argument("--set", dest="overrides", action="append", default=[])
-    args = ap.parse_args()
-    cfg = load_config(args.conf, [f"spark.master=local[{THREADS}]", *args.overrides])
-    from mmrank.lakehouse import Lakehouse
-    from mmrank.spark import get_spark
+def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, threads: int, repeats: int,
+               gpu_cfg: FeaturesConf | None) -> list[str]:
+    from mmrank.testing.timing import side_by_side
 
-    spark = get_spark(cfg)
-    lh = Lakehouse(spark, cfg)
-    items = lakehouse_items(lh, args.n)
-    source = "lakehouse products"
-    if items is None:
-        items, source = synthetic_items(args.n), "synthetic catalog"
-    cpu = cfg.features.model_copy(update={"device": "cpu", "torch_threads": 1})
-    arrow = cfg.spark.arrow_batch_size
-    rows = [f"Items: {source}, n={args.n} per modality; CPU: Spark local[{THREADS}] x 1 torch thread/task vs "
-            f"direct 1 process x {THREADS} torch threads; Arrow batch {arrow}.", "",
-            "| encoder | dim | batch | Spark items/s | direct items/s | Spark/direct |", "|---|---|---|---|---|---|"]
+    rows = [f"Items: {source}, n={len(items['text'])} per modality; Spark local[{threads}] x 1 torch thread per "
+            f"task vs direct (best of 1 process x {threads} torch threads and {threads} processes x 1 thread).",
+            "", "| encoder | dim | batch | Spark items/s | direct 1 proc x T threads | direct T procs x 1 thread "
+            "| Spark / best direct |", "|---|---|---|---|---|---|---|"]
     gpu_rows = []
+    schema = "source string, id string, modality string, text string, data binary, content_hash string"
     for m in MODALITIES:
         data = items[m]
         enc = get_encoder(m, cpu)
         pdf = pd.DataFrame({"source": "products", "id": [str(i) for i in range(len(data))], "modality": m,
                             "text": data if m == "text" else None, "data": None if m == "text" else data,
                             "content_hash": "x"})
-        schema = "source string, id string, modality string, text string, data binary, content_hash string"
-        df = spark.createDataFrame(pdf, schema).repartition(THREADS).cache()
+        df = spark.createDataFrame(pdf, schema).repartition(threads).cache()
         df.count()
-        warm = df.limit(2 * enc.batch_size).repartition(THREADS)
-        time_spark(warm, cpu)
-        set_threads(THREADS)
-        # the same batches Spark sees: per partition, Arrow chunks; here one list split the same way
-        batches = chunks(data, min(arrow, -(-len(data) // THREADS)))
-        time_direct(enc, chunks(data[: 2 * enc.batch_size], enc.batch_size))
-        t_spark = min(time_spark(df, cpu) for _ in range(args.repeats))
-        set_threads(THREADS)
-        t_direct = min(time_direct(enc, batches) for _ in range(args.repeats))
+        time_spark(df.limit(2 * enc.batch_size), cpu, threads)  # warm-up: workers start, encoders load
+        t_spark = min(time_spark(df, cpu, threads) for _ in range(repeats))
+        df.unpersist()
+        set_threads(threads)
+        encode_all(enc, data[: 2 * enc.batch_size])
+        t_threads = min(_timed(lambda: encode_all(enc, data)) for _ in range(repeats))
+        cuts = np.linspace(0, len(data), threads + 1).astype(int)
+        shards = [(m, cpu.model_dump_json(), data[a:b]) for a, b in zip(cuts, cuts[1:])]
+        t_procs = min(side_by_side(shard_work, shards) for _ in range(repeats))
         n = len(data)
         rows.append(f"| {m}: {enc.name} ({enc.version}) | {enc.dim} | {enc.batch_size} | {n / t_spark:.1f} | "
-                    f"{n / t_direct:.1f} | {t_direct / t_spark:.2f}x |")
-        df.unpersist()
-        if torch.cuda.is_available():
-            g = get_encoder(m, cfg.features.model_copy(update={"device": "cuda"}))
-            gb = chunks(data, g.batch_size)
-            time_direct(g, gb[:2])
+                    f"{n / t_threads:.1f} | {n / t_procs:.1f} | {min(t_threads, t_procs) / t_spark:.2f}x |")
+        print(rows[-1], flush=True)
+        if gpu_cfg is not None:
+            g = get_encoder(m, gpu_cfg)
+            encode_all(g, data[: 2 * g.batch_size])
             torch.cuda.synchronize()
-            t = min(time_direct(g, gb) for _ in range(args.repeats))
+            t = min(_timed(lambda: encode_all(g, data)) for _ in range(repeats))
             gpu_rows.append(f"| {m}: {g.name} | {g.batch_size} | {g.precision} | {n / t:.1f} |")
-    print("\n".join(rows))
     if gpu_rows:
-        print(f"\nGPU ({torch.cuda.get_device_name(0)}), direct path:\n\n| encoder | batch | precision | items/s |\n"
-              "|---|---|---|---|\n" + "\n".join(gpu_rows))
+        rows += ["", f"GPU ({torch.cuda.get_device_name(0)}), direct path:", "", "| encoder | batch | precision "
+                 "| items/s |", "|---|---|---|---|", *gpu_rows]
     else:
-        print("\nNo GPU visible: GPU throughput not measured.")
+        rows += ["", "No GPU visible: GPU throughput not measured."]
+    return rows
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def incremental(spark, n: int, overrides: list[str], conf: str | None) -> list[str]:
+    """Full featurize of a generated catalog, then a night with 1% new titles and 1% new images."""
+    from pyspark.sql import functions as F
+
+    from mmrank.data.ingest import content_hash
+    from mmrank.data.landing import sample_layout, write_sample
+    from mmrank.lakehouse import Lakehouse
+    from mmrank.stages import featurize, ingest
+
+    root = Path(tempfile.mkdtemp(prefix="mmrank-bench-featurize-"))
+    cfg = load_config(conf, [f"storage.root={root}/lh", f"storage.raw_dir={root}/lh/_landing",
+                             f"storage.artifacts_dir={root}/lh/_artifacts", f"storage.work_dir={root}/lh/_work",
+                             f"storage.reports_dir={root}/lh/_reports", f"generator.n_products={n}",
+                             f"generator.n_queries={max(5, n // 10)}", "generator.sessions_per_query=1",
+                             "generator.log_days=1", *overrides])
+    lh = Lakehouse(spark, cfg)
+    write_sample(cfg.generator, RUN_DATE, sample_layout(lh.paths.landing).root)
+    ingest.run(lh, RUN_DATE)
+    t_full = _timed(lambda: featurize.run(lh, RUN_DATE))
+    nxt = RUN_DATE + dt.timedelta(days=1)
+    p = lh.read("products")
+    every = 100  # 1% of the products
+    pick = F.pmod(F.xxhash64("product_id"), F.lit(every))
+    other = p.where(pick == 1).where(F.col("image_bytes").isNotNull())
+    new_image = F.concat(F.col("image_bytes"), F.lit(b"\x00"))  # trailing byte: still a valid PNG, new hash
+    changed = (p.where(pick == 0).withColumn("title", F.concat_ws(" ", "title", F.lit("v2")))
+               .unionByName(other.withColumn("image_bytes", new_image)
+                            .withColumn("image_hash", F.sha2(new_image, 256))))
+    changed = changed.withColumn("content_hash", content_hash(F.col("title"), F.col("image_hash")))
+    n_changed = changed.count()
+    lh.merge("products", changed.withColumn("run_date", F.lit(nxt.isoformat()).cast("date")))
+    counts: dict = {}
+    t_incr = _timed(lambda: counts.update(featurize.run(lh, nxt)))
+    return [f"Incremental featurize ({n} products, {max(5, n // 10)} queries, default encoders): full night "
+            f"{t_full:.1f}s; night with {n_changed} changed products (1% new titles, 1% new images; "
+            f"{counts.get('encoded', 0)} items re-encoded) {t_incr:.1f}s = {t_incr / t_full:.1%} of the full night."]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096, help="items per modality")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes per path (best is reported)")
+    ap.add_argument("--threads", type=int, default=2, help="cores used by both paths (Spark local[T])")
+    ap.add_argument("--incremental", type=int, default=4096, help="products of the incremental-night check (0 = skip)")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--conf", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="mmrank-bench-featurize-lh-")
+    cfg = load_config(args.conf, [f"spark.master=local[{args.threads}]", f"storage.root={tmp}", *args.overrides])
+    from mmrank.lakehouse import Lakehouse
+    from mmrank.spark import get_spark
+
+    spark = get_spark(cfg)
+    load = os.getloadavg()
+    out = [f"load average before: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores", ""]
+    if not args.skip_throughput:
+        items = lakehouse_items(Lakehouse(spark, cfg), args.n)
+        source = "lakehouse products"
+        if items is None:
+            items, source = synthetic_items(args.n), "synthetic catalog"
+        cpu = cfg.features.model_copy(update={"device": "cpu", "torch_threads": 1})
+        gpu = cfg.features.model_copy(update={"device": "cuda"}) if torch.cuda.is_available() else None
+        out += throughput(spark, items, source, cpu, args.threads, args.repeats, gpu)
+    if args.incremental:
+        out += [""] + incremental(spark, args.incremental, [o for o in args.overrides if not o.startswith("storage.")],
+                                  args.conf)
+    out.append(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    print("\n".join(out))
 
 
 if __name__ == "__main__":

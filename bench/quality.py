@@ -37,7 +37,7 @@ from quality_data import HOMEDEPOT_SETS, copy_lakehouse, finetune_and_refeaturiz
 from mmrank.cli import setup_logging  # noqa: E402
 from mmrank.config import load_config  # noqa: E402
 from mmrank.lakehouse import Lakehouse  # noqa: E402
-from mmrank.ranker.compare import paired_bootstrap, per_query, verdict  # noqa: E402
+from mmrank.ranker.compare import paired_bootstrap, verdict  # noqa: E402
 from mmrank.report import md_table, metric_label  # noqa: E402
 
 log = logging.getLogger("mmrank")
@@ -74,13 +74,11 @@ def _evaluate(lh: Lakehouse, name: str, run_date: dt.date, seeds: list[int]) -> 
         except Exception as e:  # the artifact model is optional for the benchmark; say why it is missing
             log.warning("bench: train failed (%s: %s); `fusion` artifact not evaluated", type(e).__name__, e)
         out: dict = {}
-        evaluate.run(run_lh, run_date, dataset=f"{name}_seed{seed}", scores_out=out)
+        evaluate.run(run_lh, run_date, dataset=f"{name}_seed{seed}", per_query_out=out)
         frames.append(run_lh.read("metrics").where(f"dataset = '{name}_seed{seed}'").toPandas().assign(seed=seed))
         notes.append(run_lh.paths.reports(run_date) / f"evaluation_{name}_seed{seed}.md")
-        for target in [k.split(":", 1)[1] for k in out if k.startswith("grades:")]:
-            for model in [k.split(":", 1)[1] for k in out if k.startswith("scores:")]:
-                per_q.setdefault((target, model), []).append(
-                    per_query(out[f"scores:{model}"], out[f"grades:{target}"], "ndcg@10"))
+        for key, values in out.items():  # (target, model) -> {query_id: NDCG@10}, aligned by sorted query id
+            per_q.setdefault(key, []).append(np.array([values[q] for q in sorted(values)], np.float64))
     return pd.concat(frames), notes, {k: np.stack(v) for k, v in per_q.items()}
 
 

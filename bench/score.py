@@ -1,146 +1,188 @@
-"""Scoring throughput: the Spark path (iterator mapInPandas, model cached per worker) vs the same model called
-directly in one process on the same batches; fp32 and int8 (dynamic quantization); int8 vs fp32 NDCG.
+"""Scoring throughput: the score stage's Spark path (keys only, features looked up from a bucketed snapshot,
+each query and product encoded once) vs the same model called directly on the same pairs; fp32 and int8.
 
-    python bench/score.py                       # standalone: random features + a fresh FusionRanker artifact
-    python bench/score.py --pairs 100000 --batch-size 1024
-    python bench/score.py --lakehouse           # also: real test-split lists + latest model of conf's lakehouse
+    python bench/score.py                                   # 200k pairs, 4000 queries
+    python bench/score.py --pairs 60000 --queries 1200 --repeats 2
+    python bench/score.py --lakehouse                       # also int8 vs fp32 NDCG on conf's lakehouse lists
 
-Fairness: the same pairs, the same `--batch-size` chunks and the same thread budget. Spark runs
-`spark.master` (local[T]) task slots x 1 torch thread each (spark.task.cpus = 1); the direct run gets one
-process with T torch threads, and also 1 thread (the best of the two is the baseline of the ratio, which
-favours the direct path). Spark timing starts from a cached, materialised DataFrame of pairs with features
-and ends when every scored row has been produced (`noop` sink), so it includes the JVM -> Arrow transfer
-to the Python workers, Arrow -> numpy conversion, batching, and the return trip; the direct timing starts
-from the same batches already as numpy matrices (model time only: the strictest baseline).
-The score stage uses `mapInArrow`; the `mapInPandas` column shows the same scorer fed through pandas.
+Data: `--pairs` pairs over `--queries` queries, one distinct product per pair (the worst case for encoding once:
+no product is shared), random features of the sizes of the default encoders (text 384, image 512, audio 128),
+10% of products without image / audio, 30% of queries with audio. They are generated inside Spark tasks into
+real `product_features` / `query_features` Delta tables (nothing passes through the driver), and the direct
+path generates the identical arrays in memory (the same function of the id block).
+
+Spark timing = what the score stage does after choosing the pairs: write the bucketed feature snapshot
+(`lookup.write_snapshot`) + score every pair (`lookup.score_by_key`) until every scored row has been produced
+(`noop` sink). Direct timing starts from the features already as numpy matrices in memory (model time only,
+the strictest baseline): encode every query and product once, score the pairs in `score.batch_size` chunks,
+with the same thread budget split two ways: 1 process x T threads, T processes x 1 thread (each scoring its
+share of the pairs); the better is the baseline of the ratio (1 process x 1 thread is shown for reference).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from mmrank.modalities import PRODUCT_MODALITIES  # noqa: E402
 
 DIMS = {"text": 384, "image": 512, "audio": 128}  # MiniLM text, ResNet-18 image, log-mel CNN audio sizes
+BLOCK = 1024  # ids per generated block (the unit both paths generate the same way)
+MISSING = 0.1
+VOICE = 0.3
 
 
-def random_pairs(n: int, n_queries: int, seed: int = 0, missing: float = 0.1) -> pd.DataFrame:
-    """n pairs over n_queries queries with random features; `missing` of image/audio (and query audio) absent."""
-    rng = np.random.default_rng(seed)
-    q = {m: rng.normal(size=(n_queries, DIMS[m])).astype(np.float32) for m in ("text", "audio")}
-    qi = np.arange(n) % n_queries
-    cols = {"query_id": [f"q{i:06d}" for i in qi], "product_id": [f"p{i:08d}" for i in range(n)]}
-    for m in ("text", "audio"):
-        vals = list(q[m][qi])
-        if m == "audio":
-            drop = rng.random(n_queries) < 0.7  # most queries are typed
-            vals = [None if drop[i] else v for i, v in zip(qi, vals)]
-        cols[f"q_{m}"] = vals
-    for m in PRODUCT_MODALITIES:
-        arr = rng.normal(size=(n, DIMS[m])).astype(np.float32)
-        gone = rng.random(n) < (missing if m != "text" else 0.0)
-        cols[f"p_{m}"] = [None if g else a for g, a in zip(gone, arr)]
-    return pd.DataFrame(cols)
+def block_features(side: str, block: int, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """ids [k] and per modality [k, D] float32 + mask [k, M] of ids block*BLOCK .. min(n, (block+1)*BLOCK)."""
+    lo, hi = block * BLOCK, min(n, (block + 1) * BLOCK)
+    rng = np.random.default_rng([seed, 0 if side == "queries" else 1, block])
+    mods = ("text", "audio") if side == "queries" else ("text", "image", "audio")
+    out = {m: rng.normal(size=(hi - lo, DIMS[m])).astype(np.float32) for m in mods}
+    u = rng.random((hi - lo, len(mods)))
+    if side == "queries":
+        mask = np.stack([np.ones(hi - lo), u[:, 1] < VOICE], axis=1)
+    else:
+        mask = np.stack([np.ones(hi - lo), u[:, 1] >= MISSING, u[:, 2] >= MISSING], axis=1)
+    out["mask"] = mask.astype(np.float32)
+    out["ids"] = np.array([f"{'q' if side == 'queries' else 'p'}{i:08d}" for i in range(lo, hi)], dtype=object)
+    return out
 
 
-def synthetic_grades(pairs: pd.DataFrame) -> np.ndarray:
-    """Hidden truth for the standalone NDCG check: grade 0..3 from the query-product text cosine quartiles."""
-    qt, pt = np.stack(pairs["q_text"].to_numpy()), np.stack(pairs["p_text"].to_numpy())
+def all_features(side: str, n: int) -> dict[str, np.ndarray]:
+    parts = [block_features(side, b, n) for b in range(-(-n // BLOCK))]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def write_tables(lh, n_queries: int, n_products: int) -> None:
+    """`query_features` / `product_features` rows generated in Spark tasks (one task per id block)."""
+    import pyarrow as pa
+
+    from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+
+    for side, table, n, mods in (("queries", "query_features", n_queries, QUERY_MODALITIES),
+                                 ("products", "product_features", n_products, PRODUCT_MODALITIES)):
+        key = "query_id" if side == "queries" else "product_id"
+
+        def gen(batches, side=side, n=n, mods=mods, key=key):
+            for b in batches:
+                for block in b.column("id").to_numpy():
+                    f = block_features(side, int(block), n)
+                    for i, m in enumerate(mods):
+                        have = f["mask"][:, i] > 0
+                        k, d = int(have.sum()), DIMS[m]
+                        emb = pa.ListArray.from_arrays(pa.array(np.arange(0, (k + 1) * d, d, dtype=np.int32)),
+                                                       pa.array(f[m][have].ravel()))
+                        yield pa.RecordBatch.from_arrays(
+                            [pa.array(f["ids"][have], pa.string()), pa.array([m] * k), emb,
+                             pa.array(np.full(k, d, np.int32)), pa.array(["bench"] * k), pa.array(["v1"] * k),
+                             pa.array(f["ids"][have], pa.string())],
+                            names=[key, "modality", "embedding", "dim", "encoder", "encoder_version",
+                                   "content_hash"])
+
+        blocks = -(-n // BLOCK)
+        rows = lh.spark.range(0, blocks, 1, max(1, min(blocks, 16))).mapInArrow(
+            gen, f"{key} string, modality string, embedding array<float>, dim int, encoder string, "
+                 "encoder_version string, content_hash string")
+        from pyspark.sql import functions as F
+        lh.overwrite(table, rows.withColumn("run_date", F.lit("2026-01-01").cast("date")))
+
+
+def pair_keys(spark, n_pairs: int, n_queries: int):
+    from pyspark.sql import functions as F
+
+    return spark.range(n_pairs).select(F.format_string("q%08d", F.col("id") % n_queries).alias("query_id"),
+                                       F.format_string("p%08d", F.col("id")).alias("product_id"))
+
+
+def time_spark(lh, pairs, adir: str, version: str, quantize: bool, batch_size: int, bucket_mb: float
+               ) -> tuple[float, float]:
+    """(seconds for snapshot + scoring, seconds for the snapshot alone)."""
+    from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+    from mmrank.scoring.features import usable_rows
+    from mmrank.scoring.lookup import score_by_key, task_slots, write_snapshot
+
+    root = tempfile.mkdtemp(prefix="mmrank-score-snap-", dir=str(lh.paths.work()))
+    try:
+        t0 = time.perf_counter()
+        snap = write_snapshot(root, usable_rows(lh.read("query_features"), "query_id", QUERY_MODALITIES, DIMS),
+                              usable_rows(lh.read("product_features"), "product_id", PRODUCT_MODALITIES, DIMS),
+                              bucket_mb, task_slots(lh.spark))
+        t1 = time.perf_counter()
+        score_by_key(pairs, snap, adir, version, quantize, batch_size).write.format("noop").mode("overwrite").save()
+        return time.perf_counter() - t0, t1 - t0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def direct_scores(model, q: dict, p: dict, qi: np.ndarray, pi: np.ndarray, batch_size: int) -> np.ndarray:
+    from mmrank.scoring.lookup import encode_side, score_indexed
+
+    return score_indexed(model, encode_side(model, "queries", q), encode_side(model, "products", p), qi, pi,
+                         batch_size)[0]
+
+
+def features_range(side: str, n: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """The generated features of ids lo..hi-1 (whole blocks generated, then cut)."""
+    parts = [block_features(side, b, n) for b in range(lo // BLOCK, -(-hi // BLOCK))]
+    f = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    off = (lo // BLOCK) * BLOCK
+    return {k: v[lo - off:hi - off] for k, v in f.items()}
+
+
+def shard_work(arg: tuple) -> Callable[[], np.ndarray]:
+    """Process setup for `side_by_side`: one thread, the model, queries and this shard's products; the work
+    scores the shard's pairs (pair j's product is product j)."""
+    import torch
+
+    from mmrank.scoring.scorer import load_scorer
+
+    adir, version, quant, n_pairs, n_queries, lo, hi, bs = arg
+    torch.set_num_threads(1)
+    model, _ = load_scorer(adir, version, quant)
+    q, p = all_features("queries", n_queries), features_range("products", n_pairs, lo, hi)
+    qi = np.arange(lo, hi) % n_queries
+    return lambda: direct_scores(model, q, p, qi, np.arange(hi - lo), bs)
+
+
+def time_direct(model, q, p, qi, pi, batch_size: int, threads: int) -> tuple[float, np.ndarray]:
+    import torch
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    s = direct_scores(model, q, p, qi, pi, batch_size)
+    return time.perf_counter() - t0, s
+
+
+def synthetic_grades(q: dict, p: dict, qi: np.ndarray, pi: np.ndarray) -> np.ndarray:
+    """Hidden truth for the int8 NDCG check: grade 0..3 from the query-product text cosine quartiles."""
+    qt, pt = q["text"][qi], p["text"][pi]
     cos = (qt * pt).sum(1) / (np.linalg.norm(qt, axis=1) * np.linalg.norm(pt, axis=1))
     return np.digitize(cos, np.quantile(cos, [0.5, 0.8, 0.95])).astype(np.float64)
 
 
-def ndcg_of(pairs: pd.DataFrame, scores: np.ndarray, grades: np.ndarray, k: int = 10) -> float:
+def ndcg_of(qi: np.ndarray, scores: np.ndarray, grades: np.ndarray, k: int = 10) -> float:
     from mmrank.ranker.metrics import has_relevant, mean_metric, ndcg_at_k
 
-    df = pd.DataFrame({"q": pairs["query_id"].to_numpy(), "s": scores, "g": grades})
-    L = int(df.groupby("q").size().max())
-    S, G = [], []
-    for _, g in df.groupby("q", sort=True):
-        pad = L - len(g)
-        S.append(np.concatenate([g["s"].to_numpy(), np.zeros(pad)]))
-        G.append(np.concatenate([g["g"].to_numpy(), -np.ones(pad)]))
-    S, G = np.stack(S), np.stack(G)
+    order = np.argsort(qi, kind="stable")
+    q, s, g = qi[order], scores[order], grades[order]
+    starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+    L = int(np.diff(np.r_[starts, len(q)]).max())
+    S, G = np.zeros((len(starts), L)), -np.ones((len(starts), L))
+    for r, (a, b) in enumerate(zip(starts, np.r_[starts[1:], len(q)])):
+        S[r, :b - a], G[r, :b - a] = s[a:b], g[a:b]
     return mean_metric(ndcg_at_k(S, G, k), has_relevant(G), "skip")
 
 
-def stacked(frames: list[pd.DataFrame], dims) -> list[tuple[dict, dict]]:
-    """The batches as ready numpy matrices + masks (what `score_pairs` takes): the direct path then times the
-    model only, the strictest baseline for the Spark path (which also converts Arrow columns)."""
-    from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
-    from mmrank.scoring.scorer import column_matrix
-
-    out = []
-    for f in frames:
-        q, qm, p, pm = {}, [], {}, []
-        for m in QUERY_MODALITIES:
-            q[m], pres = column_matrix(f[f"q_{m}"], dims[m], m)
-            qm.append(pres)
-        for m in PRODUCT_MODALITIES:
-            p[m], pres = column_matrix(f[f"p_{m}"], dims[m], m)
-            pm.append(pres)
-        q["mask"], p["mask"] = np.stack(qm, 1), np.stack(pm, 1)
-        out.append((q, p))
-    return out
-
-
-def time_direct(model, batches, dims, threads: int, repeats: int) -> tuple[float, np.ndarray]:
-    import torch
-
-    from mmrank.scoring.scorer import score_pairs
-
-    torch.set_num_threads(threads)
-    score_pairs(model, *batches[0], dims)  # warm-up
-    best, scores = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = [score_pairs(model, q, p, dims)[0] for q, p in batches]
-        best = min(best, time.perf_counter() - t0)
-        scores = np.concatenate(out)
-    return best, scores
-
-
-def time_spark(df, artifacts_dir: str, version: str, quantize: bool, batch_size: int, engine: str,
-               repeats: int) -> float:
-    from mmrank.scoring.scorer import SCORED_SCHEMA, make_arrow_partition_scorer, make_partition_scorer
-
-    if engine == "arrow":
-        fn = make_arrow_partition_scorer(artifacts_dir, version, quantize, batch_size)
-        run = lambda: df.mapInArrow(fn, SCORED_SCHEMA).write.format("noop").mode("overwrite").save()  # noqa
-    else:
-        fn = make_partition_scorer(artifacts_dir, version, quantize, batch_size)
-        run = lambda: df.mapInPandas(fn, SCORED_SCHEMA).write.format("noop").mode("overwrite").save()  # noqa
-    run()  # warm-up: python workers start and load (and cache) the model
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def task_slots(spark) -> int:
-    """Concurrent Spark tasks: N of local[N] (local[*] = cores), else the default parallelism."""
-    import os
-    import re
-
-    master = spark.sparkContext.master
-    m = re.match(r"local\[(\d+|\*)", master)
-    if m:
-        return (os.cpu_count() or 1) if m.group(1) == "*" else int(m.group(1))
-    return spark.sparkContext.defaultParallelism
-
-
 def lakehouse_ndcg(lh, artifacts_dir: str) -> tuple[float, float, str] | None:
-    """NDCG@10 of the latest model and its int8 copy on the test split of training_lists (if any)."""
+    """NDCG@10 of the latest model and its int8 copy on (a bounded sample of) the test lists, if any."""
     import torch
 
     from mmrank.ranker.metrics import has_relevant, mean_metric, ndcg_at_k
@@ -165,10 +207,10 @@ def lakehouse_ndcg(lh, artifacts_dir: str) -> tuple[float, float, str] | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=60_000)
-    ap.add_argument("--queries", type=int, default=3_000)
-    ap.add_argument("--batch-size", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--pairs", type=int, default=200_000)
+    ap.add_argument("--queries", type=int, default=4_000)
+    ap.add_argument("--batch-size", type=int, default=None, help="default: score.batch_size")
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--conf", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--lakehouse", action="store_true",
@@ -182,79 +224,80 @@ def main(argv=None) -> int:
 
     from mmrank.config import TrainConf, load_config
     from mmrank.lakehouse import Lakehouse
-    from mmrank.ranker.artifact import save_artifact
     from mmrank.modalities import ModalityDims
+    from mmrank.ranker.artifact import save_artifact
     from mmrank.ranker.fit import build_model
+    from mmrank.scoring.lookup import task_slots
     from mmrank.scoring.scorer import load_scorer
     from mmrank.spark import get_spark
+    from mmrank.testing.timing import side_by_side
 
-    tmp = Path(tempfile.mkdtemp(prefix="mmrank-bench-"))
-    overrides = list(args.overrides)
-    if not args.lakehouse:
-        overrides = [f"storage.root={tmp}/lakehouse", f"storage.work_dir={tmp}/work"] + overrides
-    cfg = load_config(args.conf, overrides)
+    tmp = Path(tempfile.mkdtemp(prefix="mmrank-bench-score-"))
+    bench_lh = [f"storage.root={tmp}/lakehouse", f"storage.work_dir={tmp}/work"]
+    cfg = load_config(args.conf, bench_lh + list(args.overrides))
     spark = get_spark(cfg)
     slots = task_slots(spark)
     lh = Lakehouse(spark, cfg)
-
-    # the model: a freshly initialised FusionRanker saved as an artifact (same path the score stage loads)
-    adir = str(tmp / "artifacts")
-    model = build_model(ModalityDims(**DIMS), TrainConf())
-    version = save_artifact(model, {"run_date": "2026-01-01", "note": "bench/score.py random init"}, adir)
-
-    pairs = random_pairs(args.pairs, args.queries)
-    frames = [pairs.iloc[i:i + args.batch_size].reset_index(drop=True)
-              for i in range(0, len(pairs), args.batch_size)]
-    # Spark input: the same pairs (ordered by query as the score stage does), cached in memory
-    sdf = (spark.createDataFrame(pairs, "query_id string, product_id string, q_text array<float>, "
-                                        "q_audio array<float>, p_text array<float>, p_image array<float>, "
-                                        "p_audio array<float>")
-           .repartition(slots, "query_id").sortWithinPartitions("query_id", "product_id").cache())
-    sdf.count()
-
-    results = {}
-    for quant in (False, True):
-        m, _ = load_scorer(adir, version, quant)
-        dims = m.dims.as_dict()
-        batches = stacked(frames, dims)
-        d_budget, s_budget = time_direct(m, batches, dims, slots, args.repeats)
-        d_one, _ = time_direct(m, batches, dims, 1, args.repeats)
-        sp_arrow = time_spark(sdf, adir, version, quant, args.batch_size, "arrow", args.repeats)
-        sp_pandas = time_spark(sdf, adir, version, quant, args.batch_size, "pandas", args.repeats)
-        results[quant] = {"spark": args.pairs / sp_arrow, "spark_pandas": args.pairs / sp_pandas,
-                          "direct_budget": args.pairs / d_budget, "direct_1": args.pairs / d_one,
-                          "scores": s_budget}
-    torch.set_num_threads(slots)
-    grades = synthetic_grades(pairs)
-    nd = {q: ndcg_of(pairs, results[q]["scores"], grades) for q in (False, True)}
-    top_agree = np.corrcoef(results[False]["scores"], results[True]["scores"])[0, 1]
-
-    def row(q):
-        r = results[q]
-        direct = max(r["direct_budget"], r["direct_1"])
-        return r["spark"], r["spark_pandas"], r["direct_budget"], r["direct_1"], r["spark"] / direct
-
-    f, i8 = row(False), row(True)
-    print(f"\nscoring throughput, pairs/s ({args.pairs} pairs, {args.queries} queries, batch {args.batch_size}, "
-          f"dims {DIMS}, thread budget {slots}: Spark local[{slots}] x 1 torch thread per task vs 1 process; "
-          f"torch {torch.__version__}, best of {args.repeats})\n")
-    print(f"| model | spark mapInArrow (score stage) | spark mapInPandas | direct ({slots} threads) "
-          "| direct (1 thread) | spark (arrow) / best direct |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, r in (("fp32", f), ("int8 (dynamic)", i8)):
-        print(f"| {name} | {r[0]:,.0f} | {r[1]:,.0f} | {r[2]:,.0f} | {r[3]:,.0f} | {r[4]:.2f}x |")
-    print(f"\nint8 / fp32 throughput: spark {i8[0] / f[0]:.2f}x, direct {max(i8[2], i8[3]) / max(f[2], f[3]):.2f}x")
-    print(f"int8 - fp32 NDCG@10 (random-init model vs synthetic text-cosine grades, {args.queries} lists): "
-          f"{nd[True] - nd[False]:+.4f} (fp32 {nd[False]:.4f}, int8 {nd[True]:.4f}); "
-          f"score correlation {top_agree:.4f}")
-    if args.lakehouse:
-        got = lakehouse_ndcg(lh, str(lh.paths.artifacts))
-        if got:
+    bs = args.batch_size or cfg.score.batch_size
+    load = os.getloadavg()
+    try:
+        write_tables(lh, args.queries, args.pairs)
+        pairs = pair_keys(spark, args.pairs, args.queries).cache()
+        pairs.count()
+        adir = str(tmp / "artifacts")
+        version = save_artifact(build_model(ModalityDims(**DIMS), TrainConf()),
+                                {"run_date": "2026-01-01", "note": "bench/score.py random init"}, adir)
+        q, p = all_features("queries", args.queries), all_features("products", args.pairs)
+        qi, pi = np.arange(args.pairs) % args.queries, np.arange(args.pairs)
+        results = {}
+        for quant in (False, True):
+            model, _ = load_scorer(adir, version, quant)
+            time_spark(lh, pairs.limit(4 * bs), adir, version, quant, bs, cfg.score.bucket_mb)  # warm-up
+            sp = [time_spark(lh, pairs, adir, version, quant, bs, cfg.score.bucket_mb) for _ in range(args.repeats)]
+            direct: dict[str, float] = {}
+            for name, threads in ((f"1 proc x {slots} threads", slots), ("1 proc x 1 thread", 1)):
+                time_direct(model, q, {k: v[:4 * bs] for k, v in p.items()}, qi[:4 * bs], pi[:4 * bs], bs,
+                            threads)  # warm-up
+                runs = [time_direct(model, q, p, qi, pi, bs, threads) for _ in range(args.repeats)]
+                direct[name] = args.pairs / min(r[0] for r in runs)
+                results.setdefault(quant, {})["scores"] = runs[0][1]
+            cuts = np.linspace(0, args.pairs, slots + 1).astype(int)
+            shards = [(adir, version, quant, args.pairs, args.queries, lo, hi, bs) for lo, hi in zip(cuts, cuts[1:])]
+            direct[f"{slots} procs x 1 thread"] = args.pairs / min(side_by_side(shard_work, shards)
+                                                                    for _ in range(args.repeats))
+            best = min(sp)
+            results[quant].update(spark=args.pairs / best[0], snapshot=best[1], total=best[0], direct=direct)
+        torch.set_num_threads(slots)
+        grades = synthetic_grades(q, p, qi, pi)
+        nd = {k: ndcg_of(qi, results[k]["scores"], grades) for k in (False, True)}
+        corr = np.corrcoef(results[False]["scores"], results[True]["scores"])[0, 1]
+        names = list(results[False]["direct"])
+        print(f"\nscoring throughput, pairs/s ({args.pairs} pairs, {args.queries} queries, batch {bs}, dims {DIMS}; "
+              f"Spark local[{slots}] = {slots} task slots x 1 torch thread; best of {args.repeats}; torch "
+              f"{torch.__version__}; load average before the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
+              f"on {os.cpu_count()} cores)\n")
+        print("| model | Spark: keys + bucketed lookup (score stage) | of which snapshot write (s) | "
+              + " | ".join(f"direct {n}" for n in names) + " | Spark / best direct |")
+        print("|---|---:|---:|" + "---:|" * len(names) + "---:|")
+        for name, quant in (("fp32", False), ("int8 (dynamic)", True)):
+            r = results[quant]
+            best_direct = max(v for n, v in r["direct"].items() if n != "1 proc x 1 thread")
+            print(f"| {name} | {r['spark']:,.0f} | {r['snapshot']:.1f} of {r['total']:.1f} | "
+                  + " | ".join(f"{r['direct'][n]:,.0f}" for n in names)
+                  + f" | {r['spark'] / best_direct:.2f}x |")
+        print(f"\n(best direct = the better of the two ways to use {slots} cores; 1 proc x 1 thread is for reference)")
+        print(f"int8 - fp32 NDCG@10 (random-init model vs synthetic text-cosine grades, {args.queries} lists): "
+              f"{nd[True] - nd[False]:+.4f} (fp32 {nd[False]:.4f}, int8 {nd[True]:.4f}); "
+              f"score correlation {corr:.4f}")
+        if args.lakehouse:
+            real = Lakehouse(spark, load_config(args.conf, args.overrides))
+            got = lakehouse_ndcg(real, str(real.paths.artifacts))
             print(f"int8 - fp32 NDCG@10 on the lakehouse test split (model {got[2]}): {got[1] - got[0]:+.4f} "
-                  f"(fp32 {got[0]:.4f}, int8 {got[1]:.4f})")
-        else:
-            print("no training_lists test split / model in the lakehouse: NDCG on real lists not measured")
-    sdf.unpersist()
+                  f"(fp32 {got[0]:.4f}, int8 {got[1]:.4f})" if got else
+                  "no training_lists test split / model in the lakehouse: NDCG on real lists not measured")
+        print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -3,7 +3,6 @@ the per-modality encoders."""
 from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
-import re
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -146,8 +145,6 @@ class IngestConf(_Section):
     delta: DeltaSourceConf = DeltaSourceConf()
     max_text_chars: int = Field(20_000, ge=100, description="longer text is quarantined, not truncated")
     max_file_bytes: int = Field(20_000_000, ge=1)
-    max_listed_files: int = Field(5000, ge=1, description="up to this many referenced media files are read "
-                                  "by explicit path; more are read by listing their folders")
     fashion_dir: str = Field("../shared/data/fashion", description="real fashion catalog (optional)")
     fashion_n_queries: int = Field(500, ge=1, description="queries derived by the fashion protocol")
     fashion_min_support: int = Field(3, ge=1, description="min exact-match products per fashion query")
@@ -180,6 +177,10 @@ class LabelsConf(_Section):
     propensity: Literal["ipw", "none"] = "ipw"
     propensity_clip: float = Field(10.0, ge=1.0, description="max inverse-propensity weight")
     min_impressions: int = Field(1, ge=1)
+    em_max_evals: int = Field(60, ge=3, description="position-bias fit: at most this many passes over the log's "
+                              "(query, product, position) aggregates (one Spark job each)")
+    em_tol: float = Field(1e-4, gt=0, description="position-bias fit stops when no normalised propensity moves "
+                          "more than this")
 
 
 class _EncoderConf(_PathChecked):

@@ -139,6 +139,8 @@ class ScoreConf(_Section):
     top_n: int = Field(50, ge=1)
     batch_size: int = Field(1024, ge=1)
     quantize: bool = False
+    bucket_mb: float = Field(256.0, gt=0, description="scoring reads features in id buckets of at most this many MB "
+                           "of embeddings per side; a task holds one query and one product bucket")
 
     @field_validator("candidates", mode="before")
     @classmethod
@@ -159,8 +161,14 @@ class EvaluateConf(_Section):
     ks: list[int] = [5, 10]
     no_relevant: Literal["skip", "zero", "one"] = Field(
         "skip", description="how queries with no relevant item count in NDCG/MAP/MRR means")
-    baselines: bool = Field(True, description="also train/evaluate single-modality, concat vs gated fusion "
-                            "and LightGBM models; False = latest artifact + similarity baseline only (cheap)")
+    baselines: bool = Field(True, description="train/evaluate the single-modality, concat vs gated fusion and "
+                            "LightGBM baselines when due (baselines_every_days); False = only on demand "
+                            "(jobs/evaluate.py --baselines); the shipped models are evaluated every night")
+    baselines_every_days: int = Field(7, ge=1, description="retrain the baselines when the dataset has no "
+                                      "baseline metrics from the previous N-1 days (1 = every night)")
+    driver_max_lists: int = Field(2000, ge=1, description="at most this many lists of a split are read to the "
+                                  "driver (baseline training, notebooks); larger splits are sampled by a seeded "
+                                  "hash. Memory ~ lists x list_size x (sum of embedding widths) x 4 bytes")
     lgbm_pca_dim: int = Field(16, ge=1, description="PCA components per embedding in LightGBM features")
     lgbm_params: dict[str, Any] = Field(
         default_factory=lambda: {"n_estimators": 300, "learning_rate": 0.05, "num_leaves": 15,

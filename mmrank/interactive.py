@@ -151,9 +151,8 @@ def plot_query_ranking(ranking: pd.DataFrame, title: str = ""):
 
 def contribution_table(lh: Lakehouse, run_date: dt.date) -> pd.DataFrame:
     """Per query kind and modality, how much each modality moved the day's scores (`contribution_summary`)."""
-    sc = lh.read("ranking_scores").where(_on(run_date)).toPandas()
-    kinds = lh.read("queries").select("query_id", "kind").toPandas() if lh.exists("queries") else None
-    return contribution_summary(sc, kinds)
+    day = lh.read("ranking_scores").where(_on(run_date))
+    return contribution_summary(day, lh.read("queries") if lh.exists("queries") else None)
 
 
 def compare_rankings(scores: pd.DataFrame, k: int = 10) -> pd.DataFrame:

@@ -207,18 +207,27 @@ class Lakehouse:
         self.ensure(name)
         self._save(name, self._writer(name, self.conform(name, df), "append"))
 
-    def merge(self, name: str, df: DataFrame, delete_missing: Column | None = None) -> None:
-        """Upsert `df` on the table's keys. With a `content_hash` column, unchanged rows are not rewritten."""
+    def merge(self, name: str, df: DataFrame, delete_missing: Column | None = None,
+              deletes: DataFrame | None = None) -> None:
+        """Upsert `df` on the table's keys. With a `content_hash` column, unchanged rows are not rewritten.
+        `deletes`: key columns of rows to delete in the same commit (so a change that also removes rows moves
+        only the changed rows and the keys, never the unchanged rest of the table)."""
         self.ensure(name)
         t = spec(name)
         src = self.conform(name, df)
+        if deletes is not None:
+            src = src.withColumn("_delete", F.lit(False)).unionByName(deletes.select(
+                *[F.col(f.name).cast(f.dataType) if f.name in t.keys else F.lit(None).cast(f.dataType).alias(f.name)
+                  for f in t.schema.fields], F.lit(True).alias("_delete")))
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in t.keys)
         m = self._delta(name).alias("t").merge(src.alias("s"), cond)
-        if "content_hash" in t.columns:
-            m = m.whenMatchedUpdateAll(condition="NOT (t.content_hash <=> s.content_hash)")
-        else:
-            m = m.whenMatchedUpdateAll()
-        m = m.whenNotMatchedInsertAll()
+        keep = "NOT s._delete" if deletes is not None else "true"
+        if deletes is not None:
+            m = m.whenMatchedDelete(condition="s._delete")
+        values = {f"`{c}`": f"s.`{c}`" for c in t.columns}
+        changed = "NOT (t.content_hash <=> s.content_hash)" if "content_hash" in t.columns else "true"
+        m = m.whenMatchedUpdate(condition=f"{keep} AND {changed}", set=values)
+        m = m.whenNotMatchedInsert(condition=keep, values=values)
         if delete_missing is not None:
             m = m.whenNotMatchedBySourceDelete(condition=delete_missing)
         self._with_retry(name, m.execute)

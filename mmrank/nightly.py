@@ -35,6 +35,7 @@ class NightlyOptions:
     rerun: bool = False
     from_stage: str | None = None
     force_train: bool = False
+    baselines: bool | None = None  # None: evaluate retrains the baselines when due (evaluate.baselines_every_days)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ PIPELINE: tuple[Step, ...] = (
     Step(train.run.stage, lambda lh, d, o: train.run(lh, d, force=o.force_train)),
     Step(promote.run.stage, lambda lh, d, o: promote.run(lh, d)),
     Step(score.run.stage, lambda lh, d, o: score.run(lh, d)),
-    Step(evaluate.run.stage, lambda lh, d, o: evaluate.run(lh, d)),
+    Step(evaluate.run.stage, lambda lh, d, o: evaluate.run(lh, d, baselines=o.baselines)),
     Step(report.run.stage, lambda lh, d, o: report.run(lh, d)),
 )
 STAGE_NAMES = tuple(s.name for s in PIPELINE)
@@ -152,7 +153,8 @@ def run_nightly(lh: Lakehouse, run_date: dt.date, opts: NightlyOptions | None = 
 
 def main(lh: Lakehouse, args) -> str | None:
     """`jobs/nightly.py` entry point: prints progress; a failed stage is re-raised (non-zero exit)."""
-    opts = NightlyOptions(rerun=args.rerun, from_stage=args.from_stage, force_train=args.force_train)
+    opts = NightlyOptions(rerun=args.rerun, from_stage=args.from_stage, force_train=args.force_train,
+                          baselines=True if args.baselines else None)
 
     def echo(msg: str) -> None:
         print(msg, flush=True)
@@ -170,3 +172,5 @@ def add_arguments(parser) -> None:
                         help="force this stage and all later ones to run again")
     parser.add_argument("--rerun", action="store_true", help="run every stage even if it already succeeded")
     parser.add_argument("--force-train", action="store_true", help="train even if the model is not due")
+    parser.add_argument("--baselines", action="store_true",
+                        help="retrain and evaluate the baseline models tonight even if they are not due")

@@ -9,7 +9,8 @@ set-up for all of them.
   decision (champion / challenger and why, the registered versions), the metrics per
   model (`metrics`, linking the evaluation plots rather than drawing them again), the metric trend across run
   dates, score distributions of the date's `ranking_scores` and modality contributions (`contrib_*`, split by
-  query kind). A section whose input table is empty says so.
+  query kind). A section whose input table is empty says so. Every section is built from Spark aggregates
+  (bounded by stages, models, dates, ranks and histogram bins), never from a day's rows on the driver.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from mmrank.lakehouse import Lakehouse, sql_date
@@ -217,14 +219,38 @@ def trend_section(lh: Lakehouse, run_date: dt.date, out: Path) -> tuple[str, lis
     return f"{metric}@{k} on the {split} split, per run date:\n\n" + md_table(tab), ["metric_trend.png"]
 
 
-def scores_section(sc: pd.DataFrame, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
-    if sc.empty:
+def score_stats(day: DataFrame, bins: int = 40) -> dict:
+    """Everything the score section shows, as Spark aggregates of one day of `ranking_scores` (no row of it
+    reaches the driver): totals, approximate quantiles, a `bins`-bin histogram and mean/min/max per rank."""
+    qs = (0.05, 0.5, 0.95)
+    t = day.agg(F.count(F.lit(1)).alias("n"), F.countDistinct("query_id").alias("queries"),
+                F.countDistinct("product_id").alias("products"), F.mean("score").alias("mean"),
+                F.stddev("score").alias("std"), F.min("score").alias("min"), F.max("score").alias("max"),
+                F.max("rank").alias("top_n"), F.percentile_approx("score", list(qs), 10_000).alias("q"),
+                F.sort_array(F.collect_set("model_version")).alias("versions")).first()
+    if not t["n"]:
+        return {"n": 0}
+    lo, width = float(t["min"]), (float(t["max"]) - float(t["min"])) / bins or 1.0
+    b = F.least(F.floor((F.col("score") - F.lit(lo)) / F.lit(width)), F.lit(bins - 1)).cast("int")
+    hist = dict(day.groupBy(b.alias("b")).count().collect())
+    by_rank = (day.groupBy("rank").agg(F.mean("score").alias("mean"), F.min("score").alias("min"),
+                                       F.max("score").alias("max")).orderBy("rank").toPandas().set_index("rank"))
+    describe = {"count": t["n"], "mean": t["mean"], "std": t["std"], "min": t["min"],
+                **{f"{int(q * 100)}%": v for q, v in zip(qs, t["q"])}, "max": t["max"]}
+    return {"n": int(t["n"]), "queries": int(t["queries"]), "products": int(t["products"]),
+            "top_n": int(t["top_n"]), "versions": list(t["versions"]), "describe": describe, "by_rank": by_rank,
+            "edges": lo + width * np.arange(bins + 1), "counts": np.array([hist.get(i, 0) for i in range(bins)])}
+
+
+def scores_section(day: DataFrame, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
+    st = score_stats(day)
+    if not st["n"]:
         return "_no ranking scores for this date_", []
     fig, axes = plt().subplots(1, 2, figsize=(11, 4))
-    axes[0].hist(sc["score"].astype(float), bins=40, color=COLOURS[0])
-    axes[0].set_title(f"score distribution ({len(sc)} rows)")
+    axes[0].stairs(st["counts"], st["edges"], fill=True, color=COLOURS[0])
+    axes[0].set_title(f"score distribution ({st['n']} rows)")
     axes[0].set_xlabel("score")
-    by_rank = sc.groupby("rank")["score"].agg(["mean", "min", "max"]).sort_index()
+    by_rank = st["by_rank"]
     axes[1].plot(by_rank.index, by_rank["mean"], label="mean")
     axes[1].fill_between(by_rank.index, by_rank["min"], by_rank["max"], alpha=0.25, label="min-max")
     axes[1].set_title("score by rank")
@@ -232,37 +258,40 @@ def scores_section(sc: pd.DataFrame, run_date: dt.date, out: Path) -> tuple[str,
     axes[1].legend()
     fig.suptitle(f"ranking_scores {run_date}")
     save(fig, out / "score_distribution.png")
-    desc = sc["score"].astype(float).describe(percentiles=[0.05, 0.5, 0.95])
-    stats = pd.DataFrame({"statistic": desc.index, "value": desc.to_numpy()})
-    versions = ", ".join(sorted(sc["model_version"].unique()))
-    head = (f"{len(sc)} rows, {sc['query_id'].nunique()} queries, {sc['product_id'].nunique()} products, "
-            f"model {versions}, top-N = {int(sc['rank'].max())}\n\n")
-    return head + md_table(stats), ["score_distribution.png"]
+    stats = pd.DataFrame({"statistic": list(st["describe"]),
+                          "value": [float(v) if v is not None else np.nan for v in st["describe"].values()]})
+    head = (f"{st['n']} rows, {st['queries']} queries, {st['products']} products, "
+            f"model {', '.join(st['versions'])}, top-N = {st['top_n']}\n\n")
+    return head + md_table(stats) + "\n\n(percentiles approximate: Spark `percentile_approx`)", \
+        ["score_distribution.png"]
 
 
-def contribution_summary(sc: pd.DataFrame, kinds: pd.DataFrame | None = None) -> pd.DataFrame:
+def contribution_summary(scores: DataFrame, kinds: DataFrame | None = None) -> pd.DataFrame:
     """Per (query kind,) modality: mean |contribution|, mean signed contribution, share of |contribution|,
-    and the fraction of scored rows where the modality was present (contribution != 0)."""
-    if kinds is not None and not kinds.empty:
-        sc = sc.merge(kinds, on="query_id", how="left").fillna({"kind": "unknown"})
+    and the fraction of scored rows where the modality was present (contribution != 0). Spark aggregates of
+    `ranking_scores` rows (and `queries`' query_id, kind), one small row per kind to the driver."""
+    if kinds is not None:
+        scores = scores.join(kinds.select("query_id", "kind"), "query_id", "left").fillna({"kind": "unknown"})
     else:
-        sc = sc.assign(kind="all")
+        scores = scores.withColumn("kind", F.lit("all"))
+    aggs = [F.count(F.lit(1)).alias("rows")]
+    for m in PRODUCT_MODALITIES:
+        c = F.col(f"contrib_{m}").cast("double")
+        aggs += [F.mean(F.abs(c)).alias(f"abs_{m}"), F.mean(c).alias(f"mean_{m}"),
+                 F.mean((c != 0).cast("double")).alias(f"present_{m}")]
     rows = []
-    for kind, g in sc.groupby("kind"):
-        absmeans = {m: float(g[f"contrib_{m}"].abs().mean()) for m in PRODUCT_MODALITIES}
-        total = sum(absmeans.values()) or 1.0
+    for r in scores.groupBy("kind").agg(*aggs).orderBy("kind").collect():
+        total = sum(r[f"abs_{m}"] for m in PRODUCT_MODALITIES) or 1.0
         for m in PRODUCT_MODALITIES:
-            c = g[f"contrib_{m}"].astype(float)
-            rows.append({"query_kind": kind, "modality": m, "mean_abs": absmeans[m], "mean": float(c.mean()),
-                         "share": absmeans[m] / total, "present": float((c != 0).mean()), "rows": len(g)})
+            rows.append({"query_kind": r["kind"], "modality": m, "mean_abs": r[f"abs_{m}"], "mean": r[f"mean_{m}"],
+                         "share": r[f"abs_{m}"] / total, "present": r[f"present_{m}"], "rows": r["rows"]})
     return pd.DataFrame(rows)
 
 
-def contributions_section(lh: Lakehouse, sc: pd.DataFrame, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
-    if sc.empty:
+def contributions_section(lh: Lakehouse, day: DataFrame, run_date: dt.date, out: Path) -> tuple[str, list[str]]:
+    summ = contribution_summary(day, lh.read("queries") if lh.exists("queries") else None)
+    if summ.empty:
         return "_no ranking scores for this date_", []
-    kinds = lh.read("queries").select("query_id", "kind").toPandas() if lh.exists("queries") else None
-    summ = contribution_summary(sc, kinds)
     piv = summ.pivot_table(index="query_kind", columns="modality", values="share").reindex(
         columns=list(PRODUCT_MODALITIES))
     fig, ax = plt().subplots(figsize=(6, 4))
@@ -294,7 +323,7 @@ def write_nightly(lh: Lakehouse, run_date: dt.date) -> Path:
     """Write `<reports_dir>/<run_date>/nightly_report.md` with its PNG plots; returns the Markdown path."""
     out = lh.paths.reports(run_date)
     out.mkdir(parents=True, exist_ok=True)
-    sc = lh.read("ranking_scores").where(_on(run_date)).toPandas()
+    day = lh.read("ranking_scores").where(_on(run_date)).persist()
     parts = [f"# mmrank nightly report {run_date}", "",
              f"Scores table: `{lh.location('ranking_scores')}` (run_date = {run_date}); "
              f"metrics: `{lh.location('metrics')}`.", ""]
@@ -307,8 +336,11 @@ def write_nightly(lh: Lakehouse, run_date: dt.date) -> Path:
     add("Model promotion", promotion_section(lh, run_date), [])
     add("Metrics per model and modality", *metrics_section(lh, run_date, out))
     add("Metric trend across runs", *trend_section(lh, run_date, out))
-    add("Score distributions", *scores_section(sc, run_date, out))
-    add("Modality contributions", *contributions_section(lh, sc, run_date, out))
+    try:
+        add("Score distributions", *scores_section(day, run_date, out))
+        add("Modality contributions", *contributions_section(lh, day, run_date, out))
+    finally:
+        day.unpersist()
     path = out / NIGHTLY_FILE
     path.write_text("\n".join(parts))
     log.info("nightly report written to %s", path)

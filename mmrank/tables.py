@@ -38,17 +38,20 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
     TableSpec(
         "products",
         "product_id string, title string, description string, brand string, category string, "
-        "attributes map<string,string>, image_uri string, image_bytes binary, audio_uri string, "
-        "audio_bytes binary, source string, content_hash string, run_date date, ingested_at timestamp",
+        "attributes map<string,string>, image_uri string, image_bytes binary, image_hash string, "
+        "audio_uri string, audio_bytes binary, audio_hash string, source string, content_hash string, "
+        "run_date date, ingested_at timestamp",
         keys=("product_id",), not_null=("product_id", "content_hash", "run_date"),
         doc="Current catalog, one row per product (MERGE on product_id; `run_date` = date of last change). "
-            "Image/audio bytes are stored inline; `*_uri` keeps where they came from."),
+            "Image/audio bytes are stored inline; `*_uri` keeps where they came from; `*_hash` = sha256 of the "
+            "bytes (null without bytes), computed once at ingest so featurize never re-reads unchanged media."),
     TableSpec(
         "queries",
-        "query_id string, query_text string, query_audio binary, kind string, source string, "
+        "query_id string, query_text string, query_audio binary, audio_hash string, kind string, source string, "
         "content_hash string, run_date date",
         keys=("query_id",), not_null=("query_id", "kind", "content_hash", "run_date"),
-        doc="Search queries: `kind` is `typed` (query_text) or `voice` (query_audio, a WAV clip)."),
+        doc="Search queries: `kind` is `typed` (query_text) or `voice` (query_audio, a WAV clip; `audio_hash` = "
+            "its sha256, computed at ingest)."),
     TableSpec(
         "query_log",
         "event_id string, session_id string, query_id string, product_id string, position int, "

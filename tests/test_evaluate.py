@@ -149,3 +149,73 @@ def test_cheap_mode_and_dataset_isolation(evaluated, spark):
     assert lh.read("metrics").where(F.col("dataset") == "toy").count() == len(evaluated[2])
     with pytest.raises(ValueError):
         evaluate.run(lh, RUN_DATE, dataset="x'; drop")
+
+
+def test_metrics_summed_in_spark_tasks_equal_the_driver_computation(evaluated):
+    """The per-(model, target, metric) sums added up across Spark tasks give the means `evaluate_lists`
+    computes on the whole test split in one process (similarity prior, both no-relevant rules)."""
+    from mmrank.ranker.baselines import similarity_scores
+    from mmrank.ranker.metrics import evaluate_lists, has_relevant, per_list_metrics
+
+    lh, _, rows, *_ = evaluated
+    test = training_lists.load_split(lh, "test")
+    want = evaluate_lists(similarity_scores(test), test["grades"].numpy(), lh.cfg.evaluate.ks,
+                          lh.cfg.evaluate.no_relevant)
+    got = rows[(rows["model_name"] == "similarity") & (rows["split"] == "test")]
+    for r in got.itertuples():
+        key = r.metric if r.k is None or r.k != r.k else f"{r.metric}@{int(r.k)}"
+        assert r.value == pytest.approx(want[key], rel=1e-9), key
+    scores, grades = similarity_scores(test), test["grades"].numpy()
+    hr = has_relevant(grades)
+    for rule in ("skip", "zero", "one"):
+        for key, v in per_list_metrics(scores, grades, [5]).items():
+            if key.startswith("dcg"):
+                continue
+            ref = evaluate_lists(scores, grades, [5], rule)[key]
+            assert evaluate.mean_of(float(v[hr].sum()), int(hr.sum()), len(v), rule) == pytest.approx(ref), rule
+    assert np.isnan(evaluate.mean_of(0.0, 0, 3, "skip"))
+
+
+def test_baselines_follow_the_schedule(evaluated, spark):
+    """Baselines are due unless the dataset has baseline metrics in the previous every_days - 1 days; the
+    run_date's own rows never count (a re-run of a date evaluates what its first run did)."""
+    import datetime as dt
+
+    lh = evaluated[0]
+    d = RUN_DATE
+    assert evaluate.baselines_due(lh, d, "toy")[0]  # its own rows do not count
+    for later, due in ((1, False), (6, False), (7, True)):
+        assert evaluate.baselines_due(lh, d + dt.timedelta(days=later), "toy")[0] is due, later
+    assert evaluate.baselines_due(lh, d + dt.timedelta(days=1), "other")[0]  # per dataset
+    off = Lakehouse(spark, lh.cfg.model_copy(update={"evaluate": lh.cfg.evaluate.model_copy(
+        update={"baselines": False})}))
+    assert not evaluate.baselines_due(off, d + dt.timedelta(days=30), "toy")[0]
+
+
+def test_shipped_models_are_the_scored_and_the_previous_version(evaluated, spark, tmp_path):
+    """`fusion` is what the score stage used for the date (int8 included), `fusion_previous` the artifact
+    saved before it."""
+    import datetime as dt
+
+    from mmrank.config import TrainConf
+    from mmrank.ranker.artifact import save_artifact
+    from mmrank.ranker.fit import build_model
+    from mmrank.stages import track_stage
+
+    base = evaluated[0]
+    lh = Lakehouse(spark, base.cfg.model_copy(update={"storage": base.cfg.storage.model_copy(
+        update={"artifacts_dir": str(tmp_path / "artifacts")})}))
+    dims = training_lists.list_dims(lh)
+    first, second = (save_artifact(build_model(dims, TrainConf(seed=s)), {}, lh.paths.artifacts,
+                                   now=dt.datetime(2030, 1, s, tzinfo=dt.timezone.utc)) for s in (1, 2))
+    d = RUN_DATE + dt.timedelta(days=2)
+    evaluate.run(lh, d, dataset="ship", baselines=False)
+    rows = lh.read("metrics").where(F.col("dataset") == "ship").toPandas()
+    versions = rows.groupby("model_name")["model_version"].first().to_dict()
+    assert versions == {"fusion": second, "fusion_previous": first, "similarity": "unsupervised"}
+    with track_stage(lh, "score", d) as rec:
+        rec.model_version = first + "+int8"
+    evaluate.run(lh, d, dataset="ship", baselines=False)
+    rows = lh.read("metrics").where(F.col("dataset") == "ship").toPandas()
+    assert rows.groupby("model_name")["model_version"].first().to_dict() == {
+        "fusion": first + "+int8", "similarity": "unsupervised"}

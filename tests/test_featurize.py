@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 
 import numpy as np
 import pytest
 from pyspark.sql import Row
+from pyspark.sql import functions as F
 
 from mmrank.stages import featurize
 from mmrank.testing.media import image_bytes, wav_bytes
@@ -13,15 +15,20 @@ from mmrank.lakehouse import Lakehouse
 from tests.conftest import make_config
 from tests.test_encoders import tiny_bert_dir
 
-D1, D2, D3 = dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)
+D1, D2, D3, D4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
 GOOD_JPEG = image_bytes((200, 30, 30), size=64, fmt="JPEG")
+
+
+def sha(b):
+    return None if b is None else hashlib.sha256(b).hexdigest()
 
 
 def product(pid, title, image=None, audio=None, description="a product", brand="acme", category="shoes"):
     h = f"{title}|{description}|{hash(image)}|{hash(audio)}"
     return Row(product_id=pid, title=title, description=description, brand=brand, category=category,
-               attributes={}, image_uri=None, image_bytes=image, audio_uri=None, audio_bytes=audio,
-               source="test", content_hash=h, run_date=D1, ingested_at=dt.datetime(2026, 11, 1))
+               attributes={}, image_uri=None, image_bytes=image, image_hash=sha(image), audio_uri=None,
+               audio_bytes=audio, audio_hash=sha(audio), source="test", content_hash=h, run_date=D1,
+               ingested_at=dt.datetime(2026, 11, 1))
 
 
 def products(lh, rows):
@@ -54,10 +61,10 @@ def test_featurize_incremental_quarantine_and_deletes(flh):
     ])
     qschema = lh.read("queries").schema
     lh.merge("queries", lh.spark.createDataFrame([
-        Row(query_id="q1", query_text="red shoe", query_audio=None, kind="typed", source="t", content_hash="a",
-            run_date=D1),
-        Row(query_id="q2", query_text=None, query_audio=wav_bytes(300, seed=5), kind="voice", source="t",
-            content_hash="b", run_date=D1),
+        Row(query_id="q1", query_text="red shoe", query_audio=None, audio_hash=None, kind="typed", source="t",
+            content_hash="a", run_date=D1),
+        Row(query_id="q2", query_text=None, query_audio=wav_bytes(300, seed=5),
+            audio_hash=sha(wav_bytes(300, seed=5)), kind="voice", source="t", content_hash="b", run_date=D1),
     ], schema=qschema))
 
     c1 = featurize.run(lh, D1)
@@ -90,8 +97,20 @@ def test_featurize_incremental_quarantine_and_deletes(flh):
     assert pf3["p1", "text"]["run_date"] == D3 and pf3["p1", "image"]["run_date"] == D1
     assert pf3["p1", "image"]["content_hash"] == p1_image_before["content_hash"]
     assert ("p2", "image") not in pf3 and ("p2", "text") in pf3
+    # the MERGE moved the one new text embedding and one key to delete, not the unchanged rest of the table
+    from delta.tables import DeltaTable
+
+    merge = DeltaTable.forPath(lh.spark, lh.location("product_features")).history(1).first()
+    assert merge["operation"] == "MERGE" and merge["operationMetrics"]["numSourceRows"] == "2"
+    assert c3["deleted_products"] == 1 and c3["deleted_queries"] == 0
+    # what changed is decided from the hashes stored at ingest: a new image_hash (same bytes) re-encodes the
+    # image; the bytes themselves are only read for the items being encoded
+    p1 = lh.read("products").where("product_id = 'p1'").withColumn("image_hash", F.lit("new-hash"))
+    lh.merge("products", p1.withColumn("content_hash", F.lit("changed")))
+    c4 = featurize.run(lh, D4)
+    assert c4["encoded"] == 1 and c4["encoded_products_image"] == 1
     runs = lh.read("runs").where("stage = 'featurize'").select("run_date", "status", "counts").collect()
-    assert len(runs) == 3 and all(r["status"] == "succeeded" for r in runs)
+    assert len(runs) == 4 and all(r["status"] == "succeeded" for r in runs)
 
 
 def test_spark_path_matches_direct_encoder(flh):

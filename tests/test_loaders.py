@@ -12,6 +12,7 @@ from tests.conftest import make_config
 from mmrank.distributed.loaders import KEY_COL, make_loader, prepare_specs
 from mmrank.testing.lists import synthetic_lists_df
 from mmrank.lakehouse import Lakehouse
+from mmrank.lexical import N_LEX
 from mmrank.modalities import ModalityDims
 
 DIMS = ModalityDims(text=8, image=4, audio=4)
@@ -54,7 +55,7 @@ def test_each_row_reaches_exactly_one_rank(lists_lh, kind):
             assert {k: tuple(v.shape) for k, v in b.items()} == {
                 "q_text": (n, DIMS.text), "q_audio": (n, DIMS.audio), "q_mask": (n, 2),
                 "p_text": (n, L, DIMS.text), "p_image": (n, L, DIMS.image), "p_audio": (n, L, DIMS.audio),
-                "p_mask": (n, L, 3), "grades": (n, L)}
+                "p_mask": (n, L, 3), "p_lex": (n, L, N_LEX), "grades": (n, L)}
             assert all(v.dtype == torch.float32 for v in b.values())
             pad = b["grades"] == -1
             assert torch.all(b["p_mask"][pad] == 0)

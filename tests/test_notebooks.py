@@ -72,8 +72,8 @@ def nb_lh(spark, tmp_path):
     build_inputs(lh, n_products=20, n_queries=4)
     score.run(lh, D1)
     prows = [Row(product_id=f"p{i:03d}", title=f"product {i}", description="", brand="b", category="c",
-                 attributes={}, image_uri=None, image_bytes=_png((10 * i, 80, 200)), audio_uri=None,
-                 audio_bytes=None, source="test", content_hash=str(i), run_date=D1,
+                 attributes={}, image_uri=None, image_bytes=_png((10 * i, 80, 200)), image_hash=None,
+                 audio_uri=None, audio_bytes=None, audio_hash=None, source="test", content_hash=str(i), run_date=D1,
                  ingested_at=dt.datetime(2026, 11, 20)) for i in range(20)]
     lh.overwrite("products", spark.createDataFrame(prows, lh.read("products").schema))
     overrides = ";".join(f"storage.{k}={getattr(cfg.storage, k)}"

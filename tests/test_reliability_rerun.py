@@ -52,8 +52,8 @@ def test_checksum_is_order_independent_and_sensitive(lh):
 def test_checksum_ignores_wall_clock_and_map_order(lh):
     schema = lh.read("products").schema
     base = dict(product_id="p", title="t", description=None, brand=None, category=None, image_uri=None,
-                image_bytes=b"\x00\x01", audio_uri=None, audio_bytes=None, source="s", content_hash="h",
-                run_date=D)
+                image_bytes=b"\x00\x01", image_hash=None, audio_uri=None, audio_bytes=None, audio_hash=None,
+                source="s", content_hash="h", run_date=D)
 
     def write(**kw):
         row = {**base, "attributes": {"a": "1", "b": "2"}, "ingested_at": dt.datetime(2026, 1, 1), **kw}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -105,9 +106,11 @@ def test_score_writes_ranked_top_n_idempotently(slh):
     assert stage_status(slh, D1, "score") == "succeeded"
 
 
-def test_spark_scores_match_plain_score_pairs_and_int8_is_close(slh):
+def test_spark_scores_match_plain_score_pairs_and_int8_is_close(spark, tmp_path):
+    """Keys-only scoring over many feature buckets (tiny `score.bucket_mb`) = the model on joined features."""
     from scipy.stats import spearmanr
 
+    slh = Lakehouse(spark, make_config(tmp_path, "score.top_n=5", "score.batch_size=16", "score.bucket_mb=0.002"))
     version = build_inputs(slh, seed=1)
     score.run(slh, D1, candidates=["impressions"])
     day = _day(slh, D1)
@@ -132,12 +135,14 @@ def test_spark_scores_match_plain_score_pairs_and_int8_is_close(slh):
     assert rho > 0.95, rho
 
 
-def test_similarity_candidates_equal_brute_force(slh):
+@pytest.mark.parametrize("bucket_mb", [256.0, 0.0002])
+def test_similarity_candidates_equal_brute_force(spark, tmp_path, bucket_mb):
+    """Blocked top-k (one bucket per side, or several query buckets x product groups) = brute force."""
+    slh = Lakehouse(spark, make_config(tmp_path, f"score.bucket_mb={bucket_mb}"))
     build_inputs(slh, n_products=60, seed=2)
-    # several product partitions: the per-partition top-k must merge into the exact global top-k
-    pf = slh.read("product_features").repartition(3)
-    slh.overwrite("product_features", pf)
     got = candidates.top_k_by_similarity(slh, k=4, max_cells=50).toPandas()
+    root = Path(slh.paths.work("similarity"))
+    assert bucket_mb > 1 or len(list((root / "queries").glob("bucket=*"))) > 1
     prods = slh.read("product_features").toPandas()
     quers = slh.read("query_features").toPandas()
     for _, q in quers.iterrows():
@@ -147,13 +152,54 @@ def test_similarity_candidates_equal_brute_force(slh):
         sims = mat @ qv / (np.linalg.norm(mat, axis=1) * np.linalg.norm(qv))
         want = set(cand["product_id"].to_numpy()[np.argsort(-sims)[:4]])
         assert set(got[got["query_id"] == q["query_id"]]["product_id"]) == want
+    assert len(got) == 4 * len(quers)
 
 
-def test_rechunk_makes_exact_batches():
-    frames = [pd.DataFrame({"a": range(s, s + n)}) for s, n in ((0, 5), (5, 1), (6, 12))]
-    out = list(scorer.rechunk(iter(frames), 4))
-    assert [len(f) for f in out] == [4, 4, 4, 4, 2]
-    assert pd.concat(out)["a"].tolist() == list(range(18))
+def test_score_codes_equal_forward(one_torch_thread):
+    """`encode_queries` / `encode_products` + `score_codes` = `score_and_contributions` on lists of one pair,
+    for both fusions, modality subsets, without match features, the bm25 / similarity / no prior, PCA inputs,
+    with and without the cross-modal alignment and lexical features; absent modalities included."""
+    import torch
+
+    from mmrank.config import TrainConf
+    from mmrank.modalities import ModalityDims
+    from mmrank.ranker.batch import batch_from_arrays
+    from mmrank.lexical import N_LEX
+    from mmrank.ranker.fit import build_model
+
+    rng = np.random.default_rng(3)
+    nq, npr = 6, 9
+    q = {m: rng.normal(size=(nq, DIMS[m])).astype(np.float32) for m in ("text", "audio")}
+    p = {m: rng.normal(size=(npr, DIMS[m])).astype(np.float32) for m in ("text", "image", "audio")}
+    q_mask = np.array([[1, 0], [0, 1], [1, 1], [1, 0], [0, 1], [0, 0]], np.float32)
+    p_mask = (rng.random((npr, 3)) > 0.3).astype(np.float32)
+    p_mask[0] = [1, 1, 1]
+    qi, pi = np.repeat(np.arange(nq), npr), np.tile(np.arange(npr), nq)
+
+    def t(a):
+        return torch.from_numpy(np.ascontiguousarray(a))
+
+    lex = rng.gamma(1.0, 2.0, size=(nq * npr, N_LEX)).astype(np.float32)  # per-pair lexical features
+    torch.manual_seed(0)
+    for kw in ({}, {"fusion": "concat"}, {"modalities": ["text", "audio"]}, {"match_features": False},
+               {"prior": "bm25"}, {"modalities": ["image"]}, {"pca_dim": 4}, {"align": {"enabled": False}},
+               {"prior": "none", "lexical_features": False}):
+        model = build_model(ModalityDims(**DIMS), TrainConf(proj_dim=8, hidden_dim=16, **kw)).eval()
+        with torch.no_grad():  # a trained-looking model: residual head, alignment and PCA all non-trivial
+            for prm in model.parameters():
+                prm.add_(0.3 * torch.randn_like(prm))
+            for name, buf in model.named_buffers():
+                if name.startswith(("align_", "pca")):
+                    buf.normal_()
+        qc = model.encode_queries(t(q["text"]), t(q["audio"]), t(q_mask))
+        pc = model.encode_products(t(p["text"]), t(p["image"]), t(p["audio"]), t(p_mask))
+        s, c = model.score_codes(qc, pc, t(qi), t(pi), t(lex))
+        batch = batch_from_arrays(q_text=q["text"][qi], q_audio=q["audio"][qi], q_mask=q_mask[qi],
+                                  p_text=p["text"][pi, None], p_image=p["image"][pi, None],
+                                  p_audio=p["audio"][pi, None], p_mask=p_mask[pi, None], p_lex=lex[:, None])
+        want_s, want_c = model.score_and_contributions(batch)
+        np.testing.assert_allclose(s.numpy(), want_s[:, 0].numpy(), rtol=1e-5, atol=1e-5, err_msg=str(kw))
+        np.testing.assert_allclose(c.numpy(), want_c[:, 0].numpy(), rtol=1e-4, atol=1e-5, err_msg=str(kw))
 
 
 def test_score_pairs_masks_missing_modalities():

@@ -188,3 +188,14 @@ def test_rerun_identical_and_load_split(built):
         assert tuple(batch["grades"].shape) == (n, L)
         assert tuple(batch["p_image"].shape) == (n, L, DIMS["image"])
         assert np.all((batch["p_mask"].sum(-1) == 0).numpy() | (batch["grades"] >= 0).numpy())
+
+
+def test_read_split_is_bounded_and_deterministic(built):
+    """A split larger than the bound is sampled (seeded hash of query_id), the same lists every time."""
+    lh, _, rows = built
+    n = sum(r["split"] == "train" for r in rows.values())
+    assert n > 3
+    a = training_lists.read_split(lh, "train", max_lists=3)
+    b = training_lists.read_split(lh, "train", max_lists=3)
+    assert len(a) == 3 and a["query_id"].tolist() == b["query_id"].tolist() == sorted(a["query_id"])
+    assert len(training_lists.read_split(lh, "train", max_lists=n + 5)) == n

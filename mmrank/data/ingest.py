@@ -10,7 +10,6 @@ carries.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass, field
 from functools import reduce
 
@@ -93,46 +92,48 @@ def to_uri(path: Column, base: str) -> Column:
             .otherwise(F.concat(F.lit(base_uri.rstrip("/") + "/"), F.regexp_replace(p, r"^\./", ""))))
 
 
-def _exists(spark: SparkSession, uri: str) -> bool:
-    if uri.startswith("file:"):
-        return os.path.exists(uri[5:])
-    jvm = spark._jvm  # noqa: SLF001 - Hadoop FS for non-local schemes
-    p = jvm.org.apache.hadoop.fs.Path(uri)
-    return bool(p.getFileSystem(spark._jsc.hadoopConfiguration()).exists(p))  # noqa: SLF001
+def read_uri(uri: str, limit: int) -> bytes | None:
+    """The first `limit` bytes of the file at `uri` (None when it does not exist): `file:` paths directly,
+    `dbfs:/` through the /dbfs mount, other schemes (s3, gs, abfss, hdfs) through `pyarrow.fs`."""
+    if uri.startswith(("file:", "dbfs:/")):
+        path = uri[5:] if uri.startswith("file:") else "/dbfs/" + uri[len("dbfs:/"):].lstrip("/")
+        try:
+            with open(path, "rb") as f:
+                return f.read(limit)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(uri)
+    if filesystem.get_file_info(path).type != fs.FileType.File:
+        return None
+    with filesystem.open_input_stream(path) as f:
+        return f.read(limit)
 
 
-def read_files(spark: SparkSession, uris: list[str], max_listed: int) -> DataFrame:
-    """`path, content` of the referenced files via Spark's binaryFile source (missing files: no row).
+def read_media(uris: DataFrame, max_bytes: int) -> DataFrame:
+    """`uri, content` for a DataFrame of distinct `uri`s, read inside Spark tasks (`mapInArrow`): the driver
+    never lists or holds the file names. A missing file has null content; a file over `max_bytes` is read
+    only up to max_bytes + 1 bytes (enough for the size check to reject it)."""
+    def run(batches):
+        import pyarrow as pa
 
-    Up to `max_listed` files are read by explicit path; more are read by listing their folders and joining.
-    """
-    empty = spark.createDataFrame([], "path string, content binary")
-    if not uris:
-        return empty
-    if len(uris) <= max_listed:
-        targets = [u for u in uris if _exists(spark, u)]
-    else:
-        targets = [d for d in sorted({u.rsplit("/", 1)[0] for u in uris}) if _exists(spark, d)]
-    if not targets:
-        return empty
-    listed = len(uris) > max_listed
-    files = (spark.read.format("binaryFile").option("recursiveFileLookup", listed)
-             .load(targets).select("path", "content"))
-    if listed:
-        return files
-    # binaryFile skips zero-length files: an existing explicit path without a row is an empty file
-    paths = spark.createDataFrame([(t,) for t in targets], "path string")
-    return paths.join(files, "path", "left").select("path", F.coalesce("content", F.unhex(F.lit(""))).alias("content"))
+        for b in batches:
+            names = b.column("uri").to_pylist()
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(names, pa.string()), pa.array([read_uri(u, max_bytes + 1) for u in names], pa.binary())],
+                names=["uri", "content"])
+    return uris.mapInArrow(run, "uri string, content binary")
 
 
 def attach_media(lh: Lakehouse, df: DataFrame, kinds: list[str]) -> DataFrame:
     """Join `<kind>_bytes` for each `<kind>_uri` column and decode-check them (`<kind>_error`)."""
     ic = lh.cfg.ingest
     for k in kinds:
-        uris = [r[0] for r in df.select(f"{k}_uri").where(F.col(f"{k}_uri").isNotNull()).distinct().collect()]
-        files = read_files(lh.spark, uris, ic.max_listed_files)
-        df = (df.join(files.withColumnRenamed("path", f"{k}_uri").withColumnRenamed("content", f"{k}_bytes"),
-                      f"{k}_uri", "left"))
+        uris = df.select(F.col(f"{k}_uri").alias("uri")).where(F.col("uri").isNotNull()).distinct()
+        files = read_media(uris, ic.max_file_bytes)
+        df = df.join(files.withColumnRenamed("uri", f"{k}_uri").withColumnRenamed("content", f"{k}_bytes"),
+                     f"{k}_uri", "left")
     return V.check_media(df, kinds, ic.max_file_bytes)
 
 
@@ -167,10 +168,12 @@ def land_products(lh: Lakehouse, valid: DataFrame, source: str, run_date: dt.dat
     """MERGE changed products (new or different content_hash); returns how many rows changed."""
     rows = valid.select(
         "product_id", "title", "description", "brand", "category", "attributes", "image_uri", "image_bytes",
-        "audio_uri", "audio_bytes", F.lit(source).alias("source"),
-        content_hash(F.col("title"), F.col("description"), F.col("brand"), F.col("category"),
-                     _map_json("attributes"), _bin_hash("image_bytes"), _bin_hash("audio_bytes")).alias("content_hash"),
+        _bin_hash("image_bytes").alias("image_hash"), "audio_uri", "audio_bytes",
+        _bin_hash("audio_bytes").alias("audio_hash"), F.lit(source).alias("source"),
         F.lit(sql_date(run_date)).cast("date").alias("run_date"), F.current_timestamp().alias("ingested_at"))
+    rows = rows.withColumn("content_hash", content_hash(
+        F.col("title"), F.col("description"), F.col("brand"), F.col("category"), _map_json("attributes"),
+        F.col("image_hash"), F.col("audio_hash")))
     return _merge_changed(lh, "products", rows, ["product_id"])
 
 
@@ -200,16 +203,18 @@ def check_queries(lh: Lakehouse, raw: DataFrame, base_dir: str) -> Checked:
 
 def land_queries(lh: Lakehouse, valid: DataFrame, source: str, run_date: dt.date) -> int:
     rows = valid.select(
-        "query_id", F.trim("query_text").alias("query_text"), F.col("audio_bytes").alias("query_audio"), "kind",
-        F.lit(source).alias("source"),
+        "query_id", F.trim("query_text").alias("query_text"), F.col("audio_bytes").alias("query_audio"),
+        _bin_hash("audio_bytes").alias("audio_hash"), "kind", F.lit(source).alias("source"),
         content_hash(F.col("kind"), F.trim("query_text"), _bin_hash("audio_bytes")).alias("content_hash"),
         F.lit(sql_date(run_date)).cast("date").alias("run_date"))
     return _merge_changed(lh, "queries", rows, ["query_id"])
 
 
 def _known(df: DataFrame, lh: Lakehouse, table: str, col: str) -> DataFrame:
+    """`_known_<col>` = true where `col` names a row of `table` (a plain join: Spark broadcasts the ids only when
+    they are small, `spark.sql.autoBroadcastJoinThreshold`)."""
     ids = lh.read(table).select(F.col(col).alias(f"_{col}"), F.lit(True).alias(f"_known_{col}"))
-    return df.join(F.broadcast(ids), df[col] == ids[f"_{col}"], "left").drop(f"_{col}")
+    return df.join(ids, df[col] == ids[f"_{col}"], "left").drop(f"_{col}")
 
 
 def check_log(lh: Lakehouse, raw: DataFrame, run_date: dt.date) -> Checked:

@@ -11,7 +11,6 @@ continues exactly as the uninterrupted one (data callables must themselves depen
 """
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import math

@@ -102,14 +102,22 @@ class FusionRanker(nn.Module):
         """(q [B, P], z [B, L, 3, P], product mask [B, L, 3] after `cfg.modalities` (no modality dropout),
         pair [B, L, n_match + n_lex + 1]: the raw query-product match cosines (0 where the query lacks the
         modality), the raw lexical features, and 1 for a typed query)."""
+        z, mask = self._encode_products(batch)
+        return self._encode_queries(batch), z, mask, self._pair(batch)
+
+    def _encode_queries(self, batch: Batch) -> torch.Tensor:
+        """q [B, P]: masked mean of the present query modalities' projections (0 if none)."""
         q_mask = batch["q_mask"]
         q_parts = torch.stack([masked(self.query_proj[m](self._inputs(m, batch[f"q_{m}"], q_mask[:, i])), q_mask[:, i])
                                for i, m in enumerate(QUERY_MODALITIES)], dim=1)          # [B, 2, P]
-        q = q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+        return q_parts.sum(dim=1) / q_mask.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+    def _encode_products(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z [..., 3, P] masked projections, mask [..., 3] after `cfg.modalities`) of the products."""
         mask = batch["p_mask"] * self.allowed
         z = torch.stack([self.product_proj[m](self._inputs(m, batch[f"p_{m}"], mask[..., i]))
-                         for i, m in enumerate(PRODUCT_MODALITIES)], dim=2)              # [B, L, 3, P]
-        return q, masked(z, mask), mask, self._pair(batch)
+                         for i, m in enumerate(PRODUCT_MODALITIES)], dim=-2)             # [..., 3, P]
+        return masked(z, mask), mask
 
     def _inputs(self, modality: str, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Raw embeddings with absent rows zeroed, then the modality's PCA (`train.pca_dim`) if any."""
@@ -214,18 +222,22 @@ class FusionRanker(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            q, z, mask, pair = self.encode(batch)
-            full = self.score(q, z, mask, pair)
-            out = torch.zeros_like(mask)
-            for i in range(N_PRODUCT_MODALITIES):
-                if not bool((mask[..., i] > 0).any()):
-                    continue
-                occluded = mask.clone()
-                occluded[..., i] = 0.0
-                out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, pair), 0.0)
-            return full, out
+            return self._with_contributions(*self.encode(batch))
         finally:
             self.train(was_training)
+
+    def _with_contributions(self, q: torch.Tensor, z: torch.Tensor, mask: torch.Tensor, pair: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores, occlusion contributions) from encoded inputs (see `score_and_contributions`)."""
+        full = self.score(q, z, mask, pair)
+        out = torch.zeros_like(mask)
+        for i in range(N_PRODUCT_MODALITIES):
+            if not bool((mask[..., i] > 0).any()):
+                continue
+            occluded = mask.clone()
+            occluded[..., i] = 0.0
+            out[..., i] = torch.where(mask[..., i] > 0, full - self.score(q, z, occluded, pair), 0.0)
+        return full, out
 
     def contributions(self, batch: Batch) -> torch.Tensor:
         """[B, L, 3] per-modality occlusion contributions (see `score_and_contributions`)."""
@@ -239,3 +251,65 @@ class FusionRanker(nn.Module):
             raise ValueError(f"gate_weights needs a weighting fusion (e.g. gated); train.fusion is {self.cfg.fusion!r}")
         q, z, mask, _ = self.encode(batch)
         return self.fusion.weights(q, z, mask)
+
+    # ---- scoring pairs from per-item codes: each query and product encoded once ---------------------------
+    def _cosine_sides(self) -> list[tuple[str, int, int]]:
+        """(code name, query modality index, product modality index) of each match cosine, in `_match` order."""
+        direct = [(m, qi, pi) for m, qi, pi in zip(MATCHED, _MATCHED_QUERY, _MATCHED_PRODUCT)]
+        aligned = [(f"aligned_{m}", 0, PRODUCT_MODALITIES.index(m)) for m in ALIGNED]
+        return direct * bool(self.cfg.match_features) + aligned * bool(self.cfg.align.enabled)
+
+    @torch.no_grad()
+    def encode_queries(self, q_text: torch.Tensor, q_audio: torch.Tensor, q_mask: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        """Codes of N queries (inputs as in a batch: [N, D], mask [N, 2]): `q` [N, P], `q_mask`, and per match
+        cosine the query side scaled to unit length (fp32, zero when absent)."""
+        batch = {"q_text": q_text, "q_audio": q_audio, "q_mask": q_mask}
+        codes = {"q": self._encode_queries(batch), "q_mask": q_mask}
+        for name, qi, _ in self._cosine_sides():
+            m = QUERY_MODALITIES[qi]
+            x = batch[f"q_{m}"] @ self.align_text if name.startswith("aligned_") else batch[f"q_{m}"]
+            codes[name] = _unit(masked(x, q_mask[:, qi]))
+        return codes
+
+    @torch.no_grad()
+    def encode_products(self, p_text: torch.Tensor, p_image: torch.Tensor, p_audio: torch.Tensor,
+                        p_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Codes of N products ([N, D] inputs, mask [N, 3]): `z` [N, 3, P], `mask` [N, 3] after `cfg.modalities`,
+        and per match cosine the product side scaled to unit length (fp32, zero when absent)."""
+        batch = {"p_text": p_text, "p_image": p_image, "p_audio": p_audio, "p_mask": p_mask}
+        z, mask = self._encode_products(batch)
+        codes = {"z": z, "mask": mask}
+        for name, _, pi in self._cosine_sides():
+            m = PRODUCT_MODALITIES[pi]
+            x = batch[f"p_{m}"] @ getattr(self, f"align_{m}") if name.startswith("aligned_") else batch[f"p_{m}"]
+            codes[name] = _unit(masked(x, p_mask[:, pi]))
+        return codes
+
+    @torch.no_grad()
+    def score_codes(self, queries: dict[str, torch.Tensor], products: dict[str, torch.Tensor], qi: torch.Tensor,
+                    pi: torch.Tensor, lex: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [n], contributions [n, 3]) of the pairs (queries[qi[j]], products[pi[j]]) from
+        `encode_queries` / `encode_products` codes, `lex` [n, N_LEX] the pairs' lexical features: what
+        `score_and_contributions` gives for the same pairs as lists of one (equal up to float rounding), without
+        encoding a query or product twice. Eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            n = len(pi)
+            cos = [(queries[name][qi] * products[name][pi]).sum(-1) for name, _, _ in self._cosine_sides()]
+            match = torch.stack(cos, dim=-1) if cos else products["mask"].new_zeros(n, 0)
+            lex = lex[:, :self.n_lex].to(match.dtype) if lex is not None else match.new_zeros(n, self.n_lex)
+            typed = (queries["q_mask"][qi, :1] > 0).to(match.dtype)
+            pair = torch.cat([match, lex, typed], dim=-1).unsqueeze(1)
+            s, c = self._with_contributions(queries["q"][qi], products["z"][pi].unsqueeze(1),
+                                            products["mask"][pi].unsqueeze(1), pair)
+            return s[:, 0], c[:, 0]
+        finally:
+            self.train(was_training)
+
+
+def _unit(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Rows in fp32 scaled to unit L2 norm (zero rows stay zero), the normalisation inside the match cosines."""
+    x = x.float()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)

@@ -1,129 +1,140 @@
 """The reader of scoring: candidate (query, product) pairs from the sources named in `score.candidates`.
 
 Every source is registered in `mmrank.registry.CANDIDATE_SOURCES` with one signature,
-`source(lh, run_date, score_cfg, dims) -> DataFrame(query_id, product_id, ...)`; `candidate_pairs` unions the
-configured ones. A new source is one function plus its `@CANDIDATE_SOURCES.register(name)`.
+`source(lh, run_date, score_cfg, dims, snapshot) -> DataFrame(query_id, product_id, ...)` (`snapshot`: the score
+run's bucketed `lookup.FeatureSnapshot`, or None); `candidate_pairs` unions the configured ones. A new source
+is one function plus its `@CANDIDATE_SOURCES.register(name)`.
 
 - `impressions`: every (query, product) the query log showed up to and including run_date.
 - `similarity`: the top-K products per query by embedding cosine, in the modality the query searches with
   (`mmrank.modalities.SEARCH_ORDER`: typed queries text vs product text, voice queries audio vs product audio).
-  No cross join: the L2-normalised query matrix is broadcast, each product partition keeps a running
-  per-partition top-K (`_partition_topk`), then a window keeps the global top-K (ties: product_id ascending).
+  Blocked, neither side broadcast: the features are bucketed by id (`lookup.write_snapshot`); one task per
+  (query bucket, product group) reads its query bucket once and streams the product buckets of its group,
+  keeping a running top-K per query over [query block x product chunk] similarity tiles of at most
+  `max_cells` floats; then a window keeps the global top-K of each query's G group results (ties: product_id
+  ascending). With G = 1 (the default when query buckets already fill the task slots) each task's result is
+  final.
 """
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
 from mmrank.config import ScoreConf
 from mmrank.lakehouse import Lakehouse, sql_date
-from mmrank.modalities import QUERY_MODALITIES, l2_normalize, search_choice
+from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES, l2_normalize, search_choice
 from mmrank.registry import CANDIDATE_SOURCES
-from mmrank.scoring.features import query_feature_frame, usable
+from mmrank.scoring.features import usable_rows
+from mmrank.scoring.lookup import FeatureSnapshot, read_bucket, task_slots, write_snapshot
 
 SIM_SCHEMA = "query_id string, product_id string, sim float"
-MAX_CELLS = 4_000_000  # floats in one [queries x products] similarity block
+MAX_CELLS = 4_000_000  # floats in one [query block x product chunk] similarity tile
+QUERY_BLOCK = 2048     # queries per tile (the product chunk is MAX_CELLS / QUERY_BLOCK wide)
 
 
 @CANDIDATE_SOURCES.register("impressions")
 def impression_pairs(lh: Lakehouse, run_date: dt.date, score_cfg: ScoreConf | None = None,
-                     dims: Mapping[str, int] | None = None) -> DataFrame:
+                     dims: Mapping[str, int] | None = None, snapshot: FeatureSnapshot | None = None) -> DataFrame:
     """Distinct (query_id, product_id) shown in the query log up to and including run_date."""
     return (lh.read("query_log").where(F.col("run_date") <= F.lit(sql_date(run_date)).cast("date"))
             .select("query_id", "product_id").distinct())
 
 
-def _partition_topk(queries, k: int, max_cells: int):
-    """mapInPandas function: per product partition, the running top-k products per query by cosine.
+class RunningTopK:
+    """Per query of a block, the k best (similarity, product id) seen so far."""
 
-    `queries` maps modality -> (query ids [Q], L2-normalised matrix [Q, D]) (a broadcast value or a
-    closure). Products come as frames of (product_id, modality, embedding); output (query_id, product_id, sim).
-    """
+    def __init__(self, n_queries: int, k: int):
+        self.k = k
+        self.sims = np.full((n_queries, 0), -np.inf, np.float32)
+        self.ids = np.empty((n_queries, 0), dtype=object)
 
-    def run(frames: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        qs = queries.value if hasattr(queries, "value") else queries
-        best: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for pdf in frames:
-            for m, (qids, qmat) in qs.items():
-                sub = pdf[pdf["modality"] == m]
-                if sub.empty or len(qids) == 0:
-                    continue
-                pmat = np.stack(sub["embedding"].to_numpy()).astype(np.float32)
-                if pmat.shape[1] != qmat.shape[1]:
-                    raise ValueError(f"{m}: product dim {pmat.shape[1]} != query dim {qmat.shape[1]}")
-                pmat = l2_normalize(pmat)
-                pids = sub["product_id"].to_numpy().astype(object)
-                step = max(1, max_cells // max(1, len(qids)))
-                for s in range(0, len(pids), step):
-                    sims = qmat @ pmat[s:s + step].T  # [Q, n]
-                    ids = np.broadcast_to(pids[s:s + step], sims.shape)
-                    if m in best:
-                        sims = np.concatenate([best[m][0], sims], axis=1)
-                        ids = np.concatenate([best[m][1], ids], axis=1)
-                    if sims.shape[1] > k:
-                        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-                        sims = np.take_along_axis(sims, idx, 1)
-                        ids = np.take_along_axis(ids, idx, 1)
-                    best[m] = (np.ascontiguousarray(sims), np.ascontiguousarray(ids))
-        for m, (sims, ids) in best.items():
-            qids = qs[m][0]
-            yield pd.DataFrame({"query_id": np.repeat(qids, sims.shape[1]), "product_id": ids.ravel(),
-                                "sim": sims.ravel().astype(np.float32)})
+    def add(self, sims: np.ndarray, ids: np.ndarray) -> None:
+        """Merge a [n_queries, n] tile of similarities to the products `ids` [n]."""
+        s = np.concatenate([self.sims, sims], axis=1)
+        i = np.concatenate([self.ids, np.broadcast_to(ids, sims.shape)], axis=1)
+        if s.shape[1] > self.k:
+            keep = np.argpartition(-s, self.k - 1, axis=1)[:, :self.k]
+            s, i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+        self.sims, self.ids = np.ascontiguousarray(s), np.ascontiguousarray(i)
 
+
+def _cell_topk(snap: FeatureSnapshot, dims: Mapping[str, int], k: int, groups: int, max_cells: int):
+    """mapInArrow function over cell ids: cell = query bucket * groups + product group -> its queries' top-k
+    among the products of that group's buckets."""
+    import pyarrow as pa
+
+    def run(batches: Iterator) -> Iterator:
+        for b in batches:
+            for cell in b.column("id").to_numpy():
+                qb, g = divmod(int(cell), groups)
+                qids, qfeat = read_bucket(snap, "queries", qb, dims)
+                choice = search_choice({m: qfeat["mask"][:, i] > 0 for i, m in enumerate(QUERY_MODALITIES)})
+                blocks = [(m, np.flatnonzero(sel)[s:s + QUERY_BLOCK]) for m, sel in choice.items()
+                          for s in range(0, int(sel.sum()), QUERY_BLOCK)]
+                best = [RunningTopK(len(rows), k) for _, rows in blocks]
+                qmats = [l2_normalize(qfeat[m][rows]) for m, rows in blocks]
+                for pb in range(g, snap.product_buckets, groups):
+                    pids, pfeat = read_bucket(snap, "products", pb, dims)
+                    for m in {m for m, _ in blocks}:
+                        have = pfeat["mask"][:, PRODUCT_MODALITIES.index(m)] > 0
+                        pmat, pm_ids = l2_normalize(pfeat[m][have]), pids.to_numpy()[have].astype(object)
+                        for j, (bm, rows) in enumerate(blocks):
+                            if bm != m:
+                                continue
+                            step = max(1, max_cells // max(1, len(rows)))
+                            for s in range(0, len(pm_ids), step):
+                                best[j].add(qmats[j] @ pmat[s:s + step].T, pm_ids[s:s + step])
+                for (_, rows), top in zip(blocks, best):
+                    if top.sims.size:
+                        yield pa.RecordBatch.from_arrays(
+                            [pa.array(np.repeat(qids.to_numpy()[rows].astype(object), top.sims.shape[1])),
+                             pa.array(top.ids.ravel()), pa.array(top.sims.ravel().astype(np.float32))],
+                            names=["query_id", "product_id", "sim"])
     return run
 
 
-def query_matrices(queries: pd.DataFrame) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """modality -> (query ids, L2-normalised matrix) of the queries that search with it (`search_choice`);
-    `queries` has query_id, q_text, q_audio (arrays or None)."""
-    choice = search_choice({m: queries[f"q_{m}"].notna().to_numpy() for m in QUERY_MODALITIES})
-    out = {}
-    for m, sel in choice.items():
-        sub = queries[sel]
-        if sub.empty:
-            continue
-        mat = l2_normalize(np.stack(sub[f"q_{m}"].to_numpy()).astype(np.float32))
-        out[m] = (sub["query_id"].to_numpy().astype(object), mat)
-    return out
-
-
-def top_k_by_similarity(lh: Lakehouse, k: int, max_cells: int = MAX_CELLS,
-                        dims: Mapping[str, int] | None = None) -> DataFrame:
-    """Top-k products per query by cosine similarity of embeddings (query_id, product_id, sim); see the
-    module doc. Memory per task: O(Q x k) plus one [Q x chunk] block of at most `max_cells` floats."""
-    spark = lh.spark
-    qmats = query_matrices(query_feature_frame(lh.read("query_features"), dims).toPandas())
-    if not qmats:
-        return spark.createDataFrame([], SIM_SCHEMA)
-    try:
-        shared = spark.sparkContext.broadcast(qmats)
-    except Exception:  # Spark Connect / serverless: no SparkContext; the closure ships the matrix per task
-        shared = qmats
-    prods = lh.read("product_features").where(F.col("modality").isin(*qmats.keys()) & usable(dims)).select(
-        "product_id", "modality", "embedding")
-    local = prods.mapInPandas(_partition_topk(shared, k, max_cells), SIM_SCHEMA)
+def top_k_by_similarity(lh: Lakehouse, k: int, max_cells: int = MAX_CELLS, dims: Mapping[str, int] | None = None,
+                        snapshot: FeatureSnapshot | None = None) -> DataFrame:
+    """Top-k products per query by cosine similarity of embeddings (query_id, product_id, sim); see the module
+    doc. Without a `snapshot` one is written under `storage.work_dir/similarity` (replaced by the next call).
+    Memory per task: one query bucket, one product bucket and a [QUERY_BLOCK x chunk] tile of <= max_cells."""
+    slots = task_slots(lh.spark)
+    if snapshot is None:
+        snapshot = write_snapshot(
+            str(lh.paths.work("similarity")),
+            usable_rows(lh.read("query_features"), "query_id", QUERY_MODALITIES, dims),
+            usable_rows(lh.read("product_features"), "product_id", PRODUCT_MODALITIES, dims),
+            lh.cfg.score.bucket_mb, slots)
+    groups = max(1, min(snapshot.product_buckets, math.ceil(slots / snapshot.query_buckets)))
+    n_cells = snapshot.query_buckets * groups
+    local = lh.spark.range(0, n_cells, 1, n_cells).mapInArrow(_cell_topk(snapshot, dims, k, groups, max_cells),
+                                                          SIM_SCHEMA)
+    if groups == 1:
+        return local
     w = Window.partitionBy("query_id").orderBy(F.col("sim").desc(), F.col("product_id"))
     return local.withColumn("_r", F.row_number().over(w)).where(F.col("_r") <= k).drop("_r")
 
 
 @CANDIDATE_SOURCES.register("similarity")
 def similarity_pairs(lh: Lakehouse, run_date: dt.date, score_cfg: ScoreConf,
-                     dims: Mapping[str, int] | None = None) -> DataFrame:
+                     dims: Mapping[str, int] | None = None, snapshot: FeatureSnapshot | None = None) -> DataFrame:
     """The `score.similarity_top_k` most similar products per query (query_id, product_id, sim)."""
-    return top_k_by_similarity(lh, score_cfg.similarity_top_k, dims=dims)
+    return top_k_by_similarity(lh, score_cfg.similarity_top_k, dims=dims, snapshot=snapshot)
 
 
 def candidate_pairs(lh: Lakehouse, run_date: dt.date, sources: list[str] | None = None,
-                    dims: Mapping[str, int] | None = None, score_cfg: ScoreConf | None = None) -> DataFrame:
+                    dims: Mapping[str, int] | None = None, score_cfg: ScoreConf | None = None,
+                    snapshot: FeatureSnapshot | None = None) -> DataFrame:
     """Distinct (query_id, product_id) from each source in `sources` (default `score.candidates`)."""
     sc = score_cfg or lh.cfg.score
     names = sources or sc.candidates
-    parts = [CANDIDATE_SOURCES.get(n)(lh, run_date, sc, dims).select("query_id", "product_id") for n in names]
+    parts = [CANDIDATE_SOURCES.get(n)(lh, run_date, sc, dims, snapshot).select("query_id", "product_id")
+             for n in names]
     out = parts[0]
     for p in parts[1:]:
         out = out.unionByName(p)

@@ -3,8 +3,8 @@
 - `usable(dims)`: an embedding is usable when every value is finite and (dims known) its length is its
   modality's width; `bad_feature_rows` turns the others into quarantine rows (never trained on, never scored).
 - `pivot`: one row per query or product with one embedding column per modality (null where missing/unusable).
-- `with_features` / `coverage_counts` / `scorable`: candidate pairs joined with those columns, and what could
-  not be scored (a pair is scored when its query and its product each have at least one usable embedding).
+- `usable_rows` / `with_presence` / `coverage_counts` / `scorable`: which candidate pairs can be scored (a pair
+  is scored when its query and its product each have at least one usable embedding), by key only.
 All functions take and return DataFrames (feature tables in the `product_features` / `query_features` layout).
 """
 from __future__ import annotations
@@ -74,21 +74,23 @@ def query_feature_frame(queries: DataFrame, dims: Mapping[str, int] | None = Non
     return pivot(queries, "query_id", QUERY_MODALITIES, dims, "q_")
 
 
-PAIR_COLUMNS = ("query_id", "product_id", *[f"q_{m}" for m in QUERY_MODALITIES],
-                *[f"p_{m}" for m in PRODUCT_MODALITIES])
+def usable_rows(df: DataFrame, key: str, modalities: tuple[str, ...], dims: Mapping[str, int] | None = None
+                ) -> DataFrame:
+    """(`key`, modality, embedding) rows of a feature table a model can use, for `modalities` only."""
+    return df.where(F.col("modality").isin(*modalities) & usable(dims)).select(key, "modality", "embedding")
 
 
-def with_features(pairs: DataFrame, queries: DataFrame, products: DataFrame) -> DataFrame:
-    """(query_id, product_id) pairs left-joined with `query_feature_frame` / `product_feature_frame` columns,
-    plus flags `_q` (the query has a usable embedding) and `_p` (the product has a feature row)."""
-    return (pairs.join(queries, "query_id", "left")
-            .join(products.withColumn("_p", F.lit(True)), "product_id", "left")
-            .withColumn("_q", F.col("q_text").isNotNull() | F.col("q_audio").isNotNull()))
+def with_presence(pairs: DataFrame, query_rows: DataFrame, product_rows: DataFrame) -> DataFrame:
+    """(query_id, product_id) pairs with flags `_q` / `_p`: the query / product has a usable embedding (true or
+    null), from `usable_rows` frames. Keys only: no embedding is joined onto a pair."""
+    qids = query_rows.select("query_id").distinct().withColumn("_q", F.lit(True))
+    pids = product_rows.select("product_id").distinct().withColumn("_p", F.lit(True))
+    return pairs.join(qids, "query_id", "left").join(pids, "product_id", "left")
 
 
 def coverage_counts(joined: DataFrame) -> dict[str, int]:
-    """Pairs, and pairs / queries / products skipped for lack of features, of a `with_features` frame."""
-    no_q, no_p = ~F.col("_q"), F.col("_p").isNull()
+    """Pairs, and pairs / queries / products skipped for lack of features, of a `with_presence` frame."""
+    no_q, no_p = F.col("_q").isNull(), F.col("_p").isNull()
     r = joined.agg(
         F.count(F.lit(1)).alias("pairs"), F.sum(F.when(no_q, 1).otherwise(0)).alias("no_q"),
         F.sum(F.when(no_p, 1).otherwise(0)).alias("no_p"),
@@ -103,5 +105,5 @@ def coverage_counts(joined: DataFrame) -> dict[str, int]:
 
 
 def scorable(joined: DataFrame) -> DataFrame:
-    """The pairs of a `with_features` frame that can be scored, with the `PAIR_COLUMNS` the scorer reads."""
-    return joined.where(F.col("_q") & F.col("_p").isNotNull()).select(*PAIR_COLUMNS)
+    """The (query_id, product_id) pairs of a `with_presence` frame that can be scored."""
+    return joined.where(F.col("_q") & F.col("_p")).select("query_id", "product_id")

@@ -77,7 +77,7 @@ def load_scorer(artifacts_dir: str, version: str, quantize: bool = False) -> tup
 # ---------------------------------------------------------------------------------------------------------
 # mapper: plain numpy/PyTorch scoring, callable outside Spark
 # ---------------------------------------------------------------------------------------------------------
-def _model_device(model):
+def model_device(model):
     import torch
 
     for p in model.parameters():
@@ -147,12 +147,10 @@ def score_pairs(model, query_feats: Mapping[str, Any], product_feats: Mapping[st
     Plain PyTorch on numpy arrays (see `make_pair_batch` for the inputs); no Spark involved. A model in
     training mode is switched to eval mode.
     """
-    import torch
-
     if model.training:
         model.eval()  # scoring is deterministic: no dropout / modality dropout
     dims = dims or model.dims.as_dict()
-    batch = make_pair_batch(query_feats, product_feats, dims, device=_model_device(model), lex=lex)
+    batch = make_pair_batch(query_feats, product_feats, dims, device=model_device(model), lex=lex)
     scores, contrib = _score_and_contrib(model, batch)
     return (scores[:, 0].float().cpu().numpy().astype(np.float32),
             contrib[:, 0, :].float().cpu().numpy().astype(np.float32))

@@ -7,17 +7,20 @@ Inputs per (table, modality) (a null input = no row for that modality, not an er
   - queries:  text  = `query_text` (typed queries; voice queries only if they carry a non-blank transcript);
               audio = `query_audio` (voice queries, WAV bytes).
 Each feature row's `content_hash` = sha256(encoder version | sha256(that modality's input)), so a new title
-re-encodes the text only, and a new encoder version re-encodes that modality only. Rows whose hash is
-already in the feature table are skipped; the rest go through one `mapInPandas` (encoders loaded once per
-Python worker, Arrow batches split into `batch_size` model batches, torch threads = cores per Spark task).
-Items the encoder rejects (corrupt image, empty/unreadable audio, empty/over-long text) become quarantine
-rows for (run_date, featurize); feature rows of products/queries or modalities that disappeared, or whose
-new content failed to encode, are deleted by the same MERGE.
+re-encodes the text only, and a new encoder version re-encodes that modality only. The sha256 of media bytes
+was stored at ingest (`image_hash`, `audio_hash`), so deciding what changed reads ids and hashes only; only the
+items to encode are joined with their bytes. Rows whose hash is already in the feature table are skipped; the
+rest go through one `mapInPandas` (encoders loaded once per Python worker, Arrow batches split into
+`batch_size` model batches, torch threads = cores per Spark task). Items the encoder rejects (corrupt image,
+empty/unreadable audio, empty/over-long text) become quarantine rows for (run_date, featurize); feature rows of
+products/queries or modalities that disappeared, or whose new content failed to encode, are deleted by the same
+MERGE, whose source is the new embeddings plus the keys to delete (never the unchanged rows).
 """
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from functools import reduce
 from typing import Callable, Iterator
 
 import pandas as pd
@@ -39,7 +42,7 @@ STAGE = "featurize"
 FEATURE_TABLES = {"products": ("product_features", "product_id"), "queries": ("query_features", "query_id")}
 MODALITIES = {"products": PRODUCT_MODALITIES, "queries": QUERY_MODALITIES}
 ENCODE_SCHEMA = ("source string, id string, modality string, content_hash string, "
-                 "embedding array<float>, error string")
+                 "embedding array<float>, error string, payload string")
 PAYLOAD_CHARS = 200
 
 
@@ -52,35 +55,54 @@ def product_text(cfg: FeaturesConf) -> Column:
     return F.concat_ws(cfg.text.separator, *[_nonblank(c) for c in cfg.text.product_fields])
 
 
-def _inputs(source: str, modality: str, cfg: FeaturesConf) -> tuple[Column | None, Column | None]:
-    """(text input, bytes input) columns of one (source table, modality)."""
+def _inputs(source: str, modality: str, cfg: FeaturesConf) -> tuple[Column | None, str | None, str | None]:
+    """(text input column, bytes column name, hash column name) of one (source table, modality)."""
     if source == "products":
-        return {"text": (product_text(cfg), None), "image": (None, F.col("image_bytes")),
-                "audio": (None, F.col("audio_bytes"))}[modality]
+        return {"text": (product_text(cfg), None, None), "image": (None, "image_bytes", "image_hash"),
+                "audio": (None, "audio_bytes", "audio_hash")}[modality]
     if modality == "text":
         typed = (F.col("kind") == "typed") | _nonblank("query_text").isNotNull()
-        return F.when(F.col("query_text").isNotNull() & typed, F.col("query_text")), None
-    return None, F.col("query_audio")
+        return F.when(F.col("query_text").isNotNull() & typed, F.col("query_text")), None, None
+    return None, "query_audio", "audio_hash"
+
+
+def _hash_of(df: DataFrame, data: str, hash_col: str) -> Column:
+    """The stored sha256 of a bytes column (computed at ingest); tables written before it existed hash it here."""
+    return F.col(hash_col) if hash_col in df.columns else F.sha2(F.col(data), 256)
 
 
 def candidates(lh: Lakehouse, source: str, versions: dict[str, str]) -> DataFrame:
-    """Every (id, modality) of `source` that has an input, with its input and content hash."""
+    """Every (id, modality) of `source` that has an input, with its text (text modality) and content hash.
+    Media bytes are not read: their hashes were stored at ingest (`with_bytes` fetches bytes for what is
+    encoded)."""
     cfg, key = lh.cfg.features, FEATURE_TABLES[source][1]
     df = lh.read(source)
     parts = []
     for m in MODALITIES[source]:
-        text, data = _inputs(source, m, cfg)
-        payload = text if text is not None else data
+        text, data, hash_col = _inputs(source, m, cfg)
+        payload_hash = F.sha2(text, 256) if text is not None else _hash_of(df, data, hash_col)
         parts.append(df.select(
             F.lit(source).alias("source"), F.col(key).alias("id"), F.lit(m).alias("modality"),
             (text if text is not None else F.lit(None).cast("string")).alias("text"),
-            (data if data is not None else F.lit(None).cast("binary")).alias("data"),
-            F.sha2(F.concat_ws("|", F.lit(versions[m]), F.sha2(payload, 256)), 256).alias("content_hash"),
-        ).where(payload.isNotNull()))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out.unionByName(p)
-    return out
+            F.sha2(F.concat_ws("|", F.lit(versions[m]), payload_hash), 256).alias("content_hash"),
+        ).where(payload_hash.isNotNull()))
+    return reduce(DataFrame.unionByName, parts)
+
+
+def with_bytes(lh: Lakehouse, todo: DataFrame) -> DataFrame:
+    """`todo` (source, id, modality, text, content_hash) plus `data`: the media bytes of its image/audio items,
+    joined by key from the source tables (only the rows to encode carry bytes from here on)."""
+    cfg = lh.cfg.features
+    parts = [todo.where(F.col("modality") == "text").withColumn("data", F.lit(None).cast("binary"))]
+    for source, (_, key) in FEATURE_TABLES.items():
+        for m in MODALITIES[source]:
+            _, data, _ = _inputs(source, m, cfg)
+            if data is None:
+                continue
+            media = lh.read(source).select(F.col(key).alias("id"), F.col(data).alias("data"))
+            parts.append(todo.where((F.col("source") == source) & (F.col("modality") == m)).join(media, "id"))
+    return reduce(DataFrame.unionByName, [p.select("source", "id", "modality", "text", "data", "content_hash")
+                                          for p in parts])
 
 
 def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
@@ -97,7 +119,8 @@ def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iter
                 vecs, errors = enc.encode_safe(items)
                 yield pd.DataFrame({
                     "source": part["source"].to_numpy(), "id": part["id"].to_numpy(), "modality": modality,
-                    "content_hash": part["content_hash"].to_numpy(), "embedding": vecs, "error": errors})
+                    "content_hash": part["content_hash"].to_numpy(), "embedding": vecs, "error": errors,
+                    "payload": [None if e is None else _payload(x) for x, e in zip(items, errors)]})
     return _run
 
 
@@ -107,9 +130,11 @@ def encode_frame(df: DataFrame, cfg: FeaturesConf, n_partitions: int) -> DataFra
     return df.mapInPandas(encode_batches(cfg), ENCODE_SCHEMA)
 
 
-def _payload() -> Column:
-    return F.coalesce(F.substring("text", 1, PAYLOAD_CHARS),
-                      F.concat(F.lit("<"), F.length("data").cast("string"), F.lit(" bytes>")))
+def _payload(item: str | bytes | None) -> str:
+    """The quarantine excerpt of a rejected item: its first characters, or its size for bytes."""
+    if isinstance(item, (bytes, bytearray)):
+        return f"<{len(item)} bytes>"
+    return "" if item is None else str(item)[:PAYLOAD_CHARS]
 
 
 def _lookup(mapping: dict[str, str]) -> Column:
@@ -127,21 +152,25 @@ def _feature_rows(encoded: DataFrame, source: str, key: str, encoders: dict, run
 
 def _merge_features(lh: Lakehouse, source: str, encoded: DataFrame, cands: DataFrame, encoders: dict,
                     run_date: dt.date, counts: dict[str, int]) -> None:
-    """MERGE new embeddings; delete rows whose input disappeared or changed without a new embedding.
-
-    The source is new rows + still-current existing rows (identical content_hash, so left untouched);
-    target rows absent from it are deleted. Skipped when nothing was encoded and nothing is stale.
-    """
+    """One MERGE that moves only what changed: the new embeddings, plus the keys of rows to delete (their input
+    disappeared, or changed without a new embedding). Skipped when there is neither."""
     table, key = FEATURE_TABLES[source]
-    n_new = sum(v for k, v in counts.items() if k.startswith(f"encoded_{source}_"))
-    n_kept = sum(v for k, v in counts.items() if k.startswith(f"unchanged_{source}_"))
-    if n_new == 0 and lh.read(table).count() == n_kept:
-        return
     new = _feature_rows(encoded, source, key, encoders, run_date)
-    kept = lh.read(table).join(cands.select(F.col("id").alias(key), "modality", "content_hash"),
-                               [key, "modality", "content_hash"], "left_semi")
-    lh.merge(table, new.unionByName(kept.select(*new.columns)), delete_missing=F.lit(True))
-    log.info("featurize %s: committed %s", run_date, table)
+    current = cands.select(F.col("id").alias(key), "modality", "content_hash")
+    stale = (lh.read(table).select(key, "modality", "content_hash")
+             .join(current, [key, "modality", "content_hash"], "left_anti")
+             .join(new.select(key, "modality"), [key, "modality"], "left_anti")
+             .select(key, "modality")).cache()
+    try:
+        n_new = sum(v for k, v in counts.items() if k.startswith(f"encoded_{source}_"))
+        n_stale = stale.count()
+        counts[f"deleted_{source}"] = n_stale
+        if n_new == 0 and n_stale == 0:
+            return
+        lh.merge(table, new, deletes=stale)
+    finally:
+        stale.unpersist()
+    log.info("featurize %s: committed %s (%d new or changed, %d deleted)", run_date, table, n_new, n_stale)
 
 
 @stage(STAGE, inputs=("products", "queries"), outputs=("product_features", "query_features", "quarantine"))
@@ -163,7 +192,7 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     for (s, m, unchanged, n) in marked.groupBy(
             "source", "modality", F.col("_have").isNotNull()).count().collect():
         rec.counts[f"{'unchanged' if unchanged else 'attempted'}_{s}_{m}"] = n
-    todo = marked.where(F.col("_have").isNull()).drop("_have")
+    todo = with_bytes(lh, marked.where(F.col("_have").isNull()).drop("_have"))
     n_todo = sum(v for k, v in rec.counts.items() if k.startswith("attempted_"))
     min_batch = min(getattr(cfg, m).batch_size for m in versions)
     n_parts = min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch))
@@ -175,11 +204,10 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
                 rec.counts[f"encoded_{s}_{m}"] = n
         for s, (table, key) in FEATURE_TABLES.items():
             _merge_features(lh, s, encoded, cands[s], encoders, run_date, rec.counts)
-        bad = encoded.where(F.col("error").isNotNull()).join(
-            todo.select("source", "id", "modality", "text", "data"), ["source", "id", "modality"])
+        bad = encoded.where(F.col("error").isNotNull())
         rec.counts["quarantined"] = lh.quarantine(bad.select(
             F.concat_ws(":", "source", "id", "modality").alias("record_id"),
-            F.col("error").alias("reason"), _payload().alias("payload")), STAGE, run_date)
+            F.col("error").alias("reason"), "payload"), STAGE, run_date)
     finally:
         encoded.unpersist()
     rec.counts["encoded"] = sum(v for k, v in rec.counts.items() if k.startswith("encoded_"))

@@ -13,7 +13,8 @@ Each query's candidates (its `labels` rows whose product has at least one featur
   lexical tables).
 
 Everything is Spark SQL (window + collect_list + array expressions); the table is replaced in one commit.
-`load_split` reads one split back as the batch tensors of `mmrank.ranker.batch.rows_to_batch`.
+`load_split` reads (a bounded sample of) one split back as the batch tensors of
+`mmrank.ranker.batch.rows_to_batch`.
 """
 from __future__ import annotations
 
@@ -151,18 +152,20 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     return counts
 
 
-# ---- readers for single-process training / evaluation -------------------------------------------------
-def read_split(lh: Lakehouse, split: str) -> pd.DataFrame:
-    """One split of `training_lists` as pandas rows, ordered by query_id (deterministic)."""
+# ---- bounded readers for single-process training / notebooks ----------------------------------------------
+def read_split(lh: Lakehouse, split: str, max_lists: int | None = None) -> pd.DataFrame:
+    """At most `max_lists` (default `evaluate.driver_max_lists`) lists of one split as pandas rows, ordered by
+    query_id. A larger split is sampled by a seeded hash of query_id (the same lists every time), so the driver
+    never holds more than the configured bound whatever the number of queries."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r} must be one of {SPLITS}")
-    return lh.read("training_lists").where(F.col("split") == split).orderBy("query_id").toPandas()
-
-
-def read_splits(lh: Lakehouse) -> dict[str, pd.DataFrame]:
-    """Every split of `training_lists` as pandas rows (one Spark read), each ordered by query_id."""
-    rows = lh.read("training_lists").orderBy("query_id").toPandas()
-    return {s: rows[rows["split"] == s].reset_index(drop=True) for s in SPLITS}
+    bound = max_lists or lh.cfg.evaluate.driver_max_lists
+    rows = lh.read("training_lists").where(F.col("split") == split)
+    sampled = rows.orderBy(F.xxhash64(F.lit(lh.cfg.train.seed), "query_id"), "query_id").limit(bound + 1)
+    out = sampled.limit(bound).orderBy("query_id").toPandas()
+    if len(out) == bound and sampled.count() > bound:
+        log.warning("read_split(%s): sampled %d lists (evaluate.driver_max_lists) of a larger split", split, bound)
+    return out
 
 
 def list_dims(lh: Lakehouse) -> ModalityDims:
@@ -188,12 +191,13 @@ def list_dims(lh: Lakehouse) -> ModalityDims:
     return ModalityDims(**found)
 
 
-def load_split(lh: Lakehouse, split: str, list_size: int | None = None) -> dict:
-    """One split as a batch dict of torch tensors (`rows_to_batch`); empty dict if the split has no rows."""
+def load_split(lh: Lakehouse, split: str, list_size: int | None = None, max_lists: int | None = None) -> dict:
+    """One split (at most `max_lists` lists, see `read_split`) as a batch dict of torch tensors
+    (`rows_to_batch`); empty dict if the split has no rows."""
     from mmrank.ranker.batch import rows_to_batch
 
     L = list_size or lh.cfg.train.list_size
-    rows = read_split(lh, split)
+    rows = read_split(lh, split, max_lists)
     if rows.empty:
         return {}
     return rows_to_batch(rows, list_dims(lh), L)
