@@ -41,21 +41,6 @@ RUN_DATE = dt.date(2026, 11, 21)
 SMALL_DRIVER = {"spark.driver.maxResultSize": "64m"}
 
 
-def tiny_bert_dir(root: Path) -> str:
-    """A random-init 2-layer BERT (hidden 32) with the shipped MiniLM tokenizer (offline), saved to `root`."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from mmrank.encoders.text import shipped_minilm_path
-
-    tok = AutoTokenizer.from_pretrained(str(shipped_minilm_path()))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(root)
-    tok.save_pretrained(root)
-    return str(root)
-
-
 def overrides(root: Path, n_products: int, bert: str) -> list[str]:
     extra = json.dumps(SMALL_DRIVER)
     return [f"storage.root={root}/lh", f"storage.raw_dir={root}/lh/_landing",
@@ -79,16 +64,40 @@ def _tree(pid: int):
     return [p, *p.children(recursive=True)]
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process tree, including its reaped children (each counted once)."""
-    total = 0.0
-    for p in _tree(pid):
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except Exception:  # a worker that exited between listing and reading
-            continue
-    return total
+class CpuMeter:
+    """CPU seconds (user + system) of a process tree, sampled every `every` seconds in a thread: each pid's last
+    reading is kept after it exits (Spark's Python workers come and go), so a total never goes backwards; a
+    process that lives less than `every` is missed, one that exits loses at most its last interval."""
+
+    def __init__(self, pid: int, every: float = 0.25):
+        import threading
+
+        self.pid, self.every, self.seen = pid, every, {}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        for p in _tree(self.pid):
+            try:
+                t = p.cpu_times()
+                with self._lock:
+                    self.seen[(p.pid, p.create_time())] = t.user + t.system
+            except Exception:  # exited between listing and reading
+                continue
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def total(self) -> float:
+        self._sample()
+        with self._lock:
+            return sum(self.seen.values())
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def reset_peak(pid: int) -> None:
@@ -120,6 +129,7 @@ def run_size(n_products: int, root: Path, out: Path) -> None:
     from mmrank.lakehouse import Lakehouse
     from mmrank.nightly import PIPELINE, NightlyOptions
     from mmrank.spark import get_spark
+    from mmrank.testing.models import tiny_bert_dir
 
     root.mkdir(parents=True, exist_ok=True)
     bert = tiny_bert_dir(root / "bert")
@@ -132,6 +142,7 @@ def run_size(n_products: int, root: Path, out: Path) -> None:
     jvm = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()  # noqa: SLF001
     me = os.getpid()
     opts = NightlyOptions(force_train=True)
+    meter = CpuMeter(me)
     stages = []
     for step in PIPELINE:
         if step.name == "generate":
@@ -142,12 +153,13 @@ def run_size(n_products: int, root: Path, out: Path) -> None:
         rows_in = rows_of(lh, inputs)
         for pid in (me, jvm):
             reset_peak(pid)
-        c0, w0 = cpu_seconds(me), time.perf_counter()
+        c0, w0 = meter.total(), time.perf_counter()
         fn(lh, RUN_DATE, opts)
-        wall, cpu = time.perf_counter() - w0, cpu_seconds(me) - c0
+        wall, cpu = time.perf_counter() - w0, meter.total() - c0
         stages.append({"stage": step.name, "wall_s": wall, "cpu_s": cpu, "driver_py_mb": peak_mb(me),
                        "driver_jvm_mb": peak_mb(jvm), "rows_in": rows_in, "rows_out": rows_of(lh, outputs)})
         print(f"[{n_products}] {step.name}: {wall:.1f}s wall, {cpu:.1f}s cpu", flush=True)
+    meter.stop()
     out.write_text(json.dumps({"n_products": n_products, "generated": counts, "generate_s": gen_s,
                                "stages": stages, "load": os.getloadavg()}))
 

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 {
-  cat docs/readme/intro.md docs/readme/jobs.md docs/readme/cluster.md docs/readme/lifecycle.md docs/readme/reference.md docs/readme/gpu.md
+  cat docs/readme/intro.md docs/readme/jobs.md docs/readme/cluster.md docs/readme/lifecycle.md docs/readme/reference.md docs/readme/gpu.md docs/readme/scaling.md
   .venv/bin/python -m mmrank.tables
   echo
   sed 's/^## Operating it/## Operating it/' docs/operating.md

@@ -10,20 +10,7 @@ from mmrank.encoders.base import ItemError
 from mmrank.encoders.registry import get_encoder
 from mmrank.registry import ENCODERS
 from mmrank.testing.media import image_bytes, wav_bytes
-
-
-def tiny_bert_dir(root) -> str:
-    """A randomly initialised 2-layer BERT (hidden 32) with the shipped MiniLM tokenizer, saved to `root`."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from mmrank.encoders.text import shipped_minilm_path
-
-    tok = AutoTokenizer.from_pretrained(str(shipped_minilm_path()))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(root)
-    tok.save_pretrained(root)
-    return str(root)
+from mmrank.testing.models import tiny_bert_dir  # noqa: F401  (other test modules import it from here)
 
 
 @pytest.fixture(scope="session")

@@ -33,11 +33,13 @@ def _write(lh, products=PRODUCTS, queries=QUERIES, run_date=D1):
     lh.overwrite("products", p.select(
         "*", F.lit(None).cast("map<string,string>").alias("attributes"),
         *[F.lit(None).cast(t).alias(c) for c, t in (("image_uri", "string"), ("image_bytes", "binary"),
-                                                     ("audio_uri", "string"), ("audio_bytes", "binary"))],
+                                                     ("image_hash", "string"), ("audio_uri", "string"),
+                                                     ("audio_bytes", "binary"), ("audio_hash", "string"))],
         F.lit("test").alias("source"), F.sha2(F.concat_ws("|", "title", "brand"), 256).alias("content_hash"),
         F.lit(run_date).alias("run_date"), F.current_timestamp().alias("ingested_at")))
     q = lh.spark.createDataFrame(queries, "query_id string, query_text string")
-    lh.overwrite("queries", q.select("*", F.lit(None).cast("binary").alias("query_audio"), F.lit("typed").alias("kind"),
+    lh.overwrite("queries", q.select("*", F.lit(None).cast("binary").alias("query_audio"),
+                                     F.lit(None).cast("string").alias("audio_hash"), F.lit("typed").alias("kind"),
                                      F.lit("test").alias("source"), F.sha2("query_text", 256).alias("content_hash"),
                                      F.lit(run_date).alias("run_date")))
 

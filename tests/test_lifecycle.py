@@ -145,7 +145,8 @@ def test_nightly_registers_a_champion_and_the_gate_refuses_shuffled_labels(spark
     cfg = make_config(tmp_path, "generator.n_products=60", "generator.n_queries=40", "train.max_epochs=6",
                       "train.patience=6", "train.data_loader=parquet", "score.top_n=5", "score.similarity_top_k=5",
                       "evaluate.baselines=false", "tracking.gate_tolerance=0.0",
-                      "train.prior_gate_z=0")  # 6 validation lists: the default gate would keep the prior both nights
+                      "train.prior=none")  # the promotion gate under test, not the prior: with the prior and 6
+    # validation lists both nights keep the untrained (prior-only) model, the same version, and there is no challenger
     lh = Lakehouse(spark, cfg)
     nightly.run_nightly(lh, D1, echo=print)
     tr = tracking.tracker(lh)
