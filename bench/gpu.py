@@ -192,7 +192,7 @@ def scorer_rows(spark, args, device) -> list[str]:
     from mmrank.modalities import ModalityDims
     from mmrank.ranker.artifact import save_artifact
     from mmrank.ranker.fit import build_model
-    from mmrank.scoring.scorer import load_scorer, score_df, score_pairs
+    from mmrank.scoring.scorer import load_scorer, model_device, score_df, score_pairs
 
     dims = ModalityDims(text=384, image=2144, audio=232)  # MiniLM, ResNet-50 + colour/texture, audio
     adir = tempfile.mkdtemp(prefix="mmrank-bench-gpu-")
@@ -218,10 +218,6 @@ def scorer_rows(spark, args, device) -> list[str]:
         rows.append(f"| {bs} | {model_device(model)} | {num(d)} | {num(s)} | {s / d:.2f}x |")
     sdf.unpersist()
     return rows
-
-
-def model_device(model) -> str:
-    return str(next(model.parameters()).device)
 
 
 def training_rows(args, device) -> list[str]:

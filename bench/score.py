@@ -149,11 +149,12 @@ def read_features(lh, side: str, n: int) -> dict[str, np.ndarray]:
     import pyarrow.dataset as pads
 
     from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
-    from mmrank.storage import local_path
+    from mmrank.storage import filesystem
 
     table, key, mods = (("query_features", "query_id", QUERY_MODALITIES) if side == "queries"
                         else ("product_features", "product_id", PRODUCT_MODALITIES))
-    t = pads.dataset(local_path(lh.location(table)), format="parquet").to_table(columns=[key, "modality", "embedding"])
+    fs, path = filesystem(lh.location(table))  # local or any fsspec store, as the snapshot reader
+    t = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=[key, "modality", "embedding"])
     rows = pc.cast(pc.utf8_slice_codeunits(t.column(key), 1), "int64").to_numpy()
     out = {"mask": np.zeros((n, len(mods)), np.float32), "num": np.arange(n)}
     modality = t.column("modality")

@@ -1,24 +1,15 @@
-"""Honest comparisons of two rankers on the same queries: per-query metric values and a paired bootstrap.
+"""Honest comparisons of two rankers on the same queries: a paired bootstrap over per-query metric values.
 
-`per_query(scores, grades, metric)` gives one value per list (NaN for lists without a relevant item, which
-the `skip` rule leaves out of every mean). `paired_bootstrap(a, b)` resamples queries with replacement (the
-same resample for both models) and returns the mean difference a - b with a percentile interval: when the
-interval excludes 0 the gap is not query-sampling noise at that level; when it contains 0 the gap is within
-noise. Values averaged over model seeds per query first (`np.nanmean` over a [seeds, queries] array) compare
-the models, not one lucky seed.
+Per-query values come from the evaluation tasks (`metric_tasks.metric_sums(per_list=...)`), NaN for lists
+without a relevant item (the `skip` rule leaves them out of every mean; they are dropped here too).
+`paired_bootstrap(a, b)` resamples queries with replacement (the same resample for both models) and returns the
+mean difference a - b with a percentile interval: when the interval excludes 0 the gap is not query-sampling
+noise at that level; when it contains 0 the gap is within noise. Values averaged over model seeds per query
+first (`np.nanmean` over a [seeds, queries] array) compare the models, not one lucky seed.
 """
 from __future__ import annotations
 
 import numpy as np
-
-from mmrank.ranker.metrics import has_relevant, per_list_metrics
-
-
-def per_query(scores: np.ndarray, grades: np.ndarray, metric: str = "ndcg@10") -> np.ndarray:
-    """[B] per-list `metric` (a key of `per_list_metrics`), NaN for lists without a relevant item."""
-    ks = [int(metric.split("@")[1])] if "@" in metric else [10]
-    values = per_list_metrics(scores, grades, ks)[metric]
-    return np.where(has_relevant(grades), values, np.nan)
 
 
 def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95,

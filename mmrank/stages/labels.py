@@ -80,7 +80,7 @@ def em_sums(theta: np.ndarray, pos: np.ndarray, pair: np.ndarray, n: np.ndarray,
     den = np.clip(1 - tr, 1e-9, None)
     examined = c + (n - c) * t * (1 - r) / den
     ll = c * np.log(tr) + (n - c) * np.log(den)
-    return _fixed_sum(examined, pos, len(theta)), int(_fixed_sum(ll, np.zeros(len(ll), np.int64), 1)[0])
+    return _fixed_sum(examined, pos, len(theta)), int(np.rint(ll * _FIXED).astype(np.int64).sum())
 
 
 def fit_propensities(evaluate: Evaluate, n_pos: np.ndarray, max_evals: int = 60,
