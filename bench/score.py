@@ -14,7 +14,7 @@ real `product_features` / `query_features` Delta tables (nothing passes through 
 path generates the identical arrays in memory (the same function of the id block).
 
 Spark timing = what the score stage does after choosing the pairs: write the bucketed feature snapshot
-(`lookup.write_snapshot`) + score every pair (`lookup.score_by_key`) until every scored row has been produced
+(`snapshot.snapshot_tables`) + score every pair (`lookup.score_by_key`) until every scored row has been produced
 (`noop` sink). Direct timing starts from the features already as numpy matrices in memory (model time only,
 the strictest baseline): encode every query and product once, score the pairs in `score.batch_size` chunks,
 with the same thread budget split two ways: 1 process x T threads, T processes x 1 thread (each scoring its
@@ -123,16 +123,13 @@ def pair_keys(spark, n_pairs: int, n_queries: int):
 def time_spark(lh, pairs, adir: str, version: str, quantize: bool, batch_size: int, bucket_mb: float
                ) -> tuple[float, float]:
     """(seconds for snapshot + scoring, seconds for the snapshot alone)."""
-    from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
-    from mmrank.scoring.features import usable_rows
-    from mmrank.scoring.lookup import score_by_key, task_slots, write_snapshot
+    from mmrank.scoring.lookup import score_by_key
+    from mmrank.scoring.snapshot import snapshot_tables, task_slots
 
     root = tempfile.mkdtemp(prefix="mmrank-score-snap-", dir=str(lh.paths.work()))
     try:
         t0 = time.perf_counter()
-        snap = write_snapshot(root, usable_rows(lh.read("query_features"), "query_id", QUERY_MODALITIES, DIMS),
-                              usable_rows(lh.read("product_features"), "product_id", PRODUCT_MODALITIES, DIMS),
-                              bucket_mb, task_slots(lh.spark))
+        snap = snapshot_tables(lh, root, DIMS, bucket_mb, task_slots(lh.spark))
         t1 = time.perf_counter()
         score_by_key(pairs, snap, adir, version, quantize, batch_size, lex_col="p_lex").write.format("noop").mode(
             "overwrite").save()
@@ -284,7 +281,7 @@ def main(argv=None) -> int:
     from mmrank.modalities import ModalityDims
     from mmrank.ranker.artifact import save_artifact
     from mmrank.ranker.fit import build_model
-    from mmrank.scoring.lookup import task_slots
+    from mmrank.scoring.snapshot import task_slots
     from mmrank.scoring.scorer import load_scorer
     from mmrank.spark import get_spark
     from mmrank.testing.timing import side_by_side

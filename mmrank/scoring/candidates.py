@@ -2,13 +2,13 @@
 
 Every source is registered in `mmrank.registry.CANDIDATE_SOURCES` with one signature,
 `source(lh, run_date, score_cfg, dims, snapshot) -> DataFrame(query_id, product_id, ...)` (`snapshot`: the score
-run's bucketed `lookup.FeatureSnapshot`, or None); `candidate_pairs` unions the configured ones. A new source
+run's bucketed `snapshot.FeatureSnapshot`, or None); `candidate_pairs` unions the configured ones. A new source
 is one function plus its `@CANDIDATE_SOURCES.register(name)`.
 
 - `impressions`: every (query, product) the query log showed up to and including run_date.
 - `similarity`: the top-K products per query by embedding cosine, in the modality the query searches with
   (`mmrank.modalities.SEARCH_ORDER`: typed queries text vs product text, voice queries audio vs product audio).
-  Blocked, neither side broadcast: the features are bucketed by id (`lookup.write_snapshot`); one task per
+  Blocked, neither side broadcast: the features are bucketed by id (`snapshot.snapshot_tables`); one task per
   (query bucket, product group) reads its query bucket once and streams the product buckets of its group,
   keeping a running top-K per query over [query block x product chunk] similarity tiles of at most
   `max_cells` floats; then a window keeps the global top-K of each query's G group results (ties: product_id
@@ -29,8 +29,7 @@ from mmrank.config import ScoreConf
 from mmrank.lakehouse import Lakehouse, sql_date
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES, l2_normalize, search_choice
 from mmrank.registry import CANDIDATE_SOURCES
-from mmrank.scoring.features import usable_rows
-from mmrank.scoring.lookup import FeatureSnapshot, read_bucket, task_slots, write_snapshot
+from mmrank.scoring.snapshot import FeatureSnapshot, read_bucket, snapshot_tables, task_slots
 
 SIM_SCHEMA = "query_id string, product_id string, sim float"
 MAX_CELLS = 4_000_000  # floats in one [query block x product chunk] similarity tile
@@ -105,11 +104,7 @@ def top_k_by_similarity(lh: Lakehouse, k: int, max_cells: int = MAX_CELLS, dims:
     Memory per task: one query bucket, one product bucket and a [QUERY_BLOCK x chunk] tile of <= max_cells."""
     slots = task_slots(lh.spark)
     if snapshot is None:
-        snapshot = write_snapshot(
-            str(lh.paths.work("similarity")),
-            usable_rows(lh.read("query_features"), "query_id", QUERY_MODALITIES, dims),
-            usable_rows(lh.read("product_features"), "product_id", PRODUCT_MODALITIES, dims),
-            lh.cfg.score.bucket_mb, slots)
+        snapshot = snapshot_tables(lh, str(lh.paths.work("similarity")), dims, lh.cfg.score.bucket_mb, slots)
     groups = max(1, min(snapshot.product_buckets, math.ceil(slots / snapshot.query_buckets)))
     n_cells = snapshot.query_buckets * groups
     local = lh.spark.range(0, n_cells, 1, n_cells).mapInArrow(_cell_topk(snapshot, dims, k, groups, max_cells),

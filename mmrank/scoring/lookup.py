@@ -4,9 +4,9 @@ where they live, a per-run Parquet snapshot bucketed by id, and encodes every qu
 Why: a pair's features are ~6 KB (text, image and audio embeddings of both sides). Joining them onto every
 pair and shipping them JVM -> Arrow -> Python cost more than the model itself. Instead:
 
-1. `write_snapshot`: the usable feature rows (id, modality, embedding) of queries and of products, each side
-   hash-bucketed by id into `plan_buckets` buckets (sized so one bucket fits `score.bucket_mb`), written once
-   as Parquet under the run's work folder (`bucket=<b>/` folders).
+1. `snapshot.snapshot_tables`: the usable feature rows (id, modality, embedding) of queries and of products,
+   each side bucketed by id (buckets sized so one fits `score.bucket_mb`), written once as Parquet under the
+   run's work folder (`bucket=<b>/` folders); see `mmrank.scoring.snapshot`.
 2. `score_by_key`: the pairs get their cell (query bucket, product bucket), are range-partitioned one cell per
    task and sorted by key (deterministic batches, so int8 re-runs are bit-identical); the task (`mapInArrow`)
    reads its two buckets with pyarrow, encodes them with `FusionRanker.encode_queries` / `encode_products` and
@@ -17,104 +17,21 @@ stays small (queries are far fewer than products). Neither side is ever collecte
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from mmrank import storage
 from mmrank.encoders.device import set_threads, task_threads
 from mmrank.lexical import N_LEX
-from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+from mmrank.modalities import PRODUCT_MODALITIES
+from mmrank.scoring.snapshot import SIDES, FeatureSnapshot, bucket_of, read_bucket
 
-SIDES = {"queries": ("query_id", QUERY_MODALITIES), "products": ("product_id", PRODUCT_MODALITIES)}
 SCORED_SCHEMA = ("query_id string, product_id string, score float, contrib_text float, contrib_image float, "
                  "contrib_audio float")
 _ENCODE_CHUNK = 4096  # items encoded per model call when a bucket's codes are built
-
-
-def bucket_of(col: str | Column, n: int) -> Column:
-    """The bucket (0..n-1) of an id column: the same expression on both sides, so pairs find their rows."""
-    return F.pmod(F.xxhash64(col), F.lit(int(n))).cast("int")
-
-
-def task_slots(spark) -> int:
-    """Concurrent tasks of a session (default parallelism; shuffle partitions without a SparkContext)."""
-    try:
-        return max(1, int(spark.sparkContext.defaultParallelism))
-    except Exception:  # Spark Connect / serverless
-        return max(1, int(spark.conf.get("spark.sql.shuffle.partitions")))
-
-
-def plan_buckets(floats: int, bucket_mb: float, at_least: int = 1) -> int:
-    """Buckets needed so one holds at most `bucket_mb` MB of float32 embeddings (and at least `at_least`)."""
-    return max(int(at_least), math.ceil(4 * floats / (bucket_mb * 2 ** 20)))
-
-
-@dataclass(frozen=True)
-class FeatureSnapshot:
-    """Where a run's bucketed feature rows are, and how many buckets each side has."""
-
-    root: str
-    query_buckets: int
-    product_buckets: int
-
-    def buckets(self, side: str) -> int:
-        return self.query_buckets if side == "queries" else self.product_buckets
-
-    def folder(self, side: str, bucket: int) -> str:
-        return storage.join(self.root, side, f"bucket={int(bucket)}")
-
-
-def write_snapshot(root: str, queries: DataFrame, products: DataFrame, bucket_mb: float,
-                   min_product_buckets: int = 1) -> FeatureSnapshot:
-    """Write usable feature rows (`<side id>, modality, embedding`, e.g. `query_features` rows filtered with
-    `features.usable`) bucketed by id under `root`; bucket counts from the embedding volume of each side."""
-    frames = {"queries": queries, "products": products}
-    floats = {s: int(df.agg(F.sum(F.size("embedding"))).first()[0] or 0) for s, df in frames.items()}
-    snap = FeatureSnapshot(root, plan_buckets(floats["queries"], bucket_mb),
-                           plan_buckets(floats["products"], bucket_mb, min_product_buckets))
-    for side, df in frames.items():
-        key, _ = SIDES[side]
-        n = snap.buckets(side)
-        (df.select(F.col(key).alias("id"), "modality", "embedding", bucket_of(key, n).alias("bucket"))
-         .repartition(n, "bucket").write.mode("overwrite").partitionBy("bucket")
-         .parquet(storage.spark_uri(storage.join(root, side))))
-    return snap
-
-
-def read_bucket(snap: FeatureSnapshot, side: str, bucket: int, dims: Mapping[str, int] | None = None
-                ) -> tuple[pd.Index, dict[str, np.ndarray]]:
-    """(ids, {modality: [N, dim] float32 (zeros where absent), 'mask': [N, M]}) of one bucket of one side.
-    Without `dims` a modality's width is its embeddings' length (which must then be the same for all)."""
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    _, modalities = SIDES[side]
-    fs, folder = storage.filesystem(snap.folder(side, bucket))
-    if not fs.isdir(folder):  # no id hashed into this bucket
-        return pd.Index([], dtype=object), {**{m: np.zeros((0, (dims or {}).get(m, 0)), np.float32)
-                                               for m in modalities},
-                                            "mask": np.zeros((0, len(modalities)), np.float32)}
-    t = pq.read_table(folder, columns=["id", "modality", "embedding"], filesystem=fs)
-    ids = pd.Index(pd.unique(t.column("id").to_numpy(zero_copy_only=False)))
-    out: dict[str, np.ndarray] = {"mask": np.zeros((len(ids), len(modalities)), np.float32)}
-    for i, m in enumerate(modalities):
-        sub = t.filter(pc.equal(t.column("modality"), m))
-        rows = ids.get_indexer(sub.column("id").to_numpy(zero_copy_only=False))
-        emb = sub.column("embedding").combine_chunks()
-        flat = emb.flatten().to_numpy(zero_copy_only=False)
-        width = dims[m] if dims else (int(emb.value_lengths()[0].as_py()) if len(emb) else 0)
-        if flat.size != len(rows) * width:
-            raise ValueError(f"{side} bucket {bucket}: {m} embeddings are not all {width} wide")
-        out[m] = np.zeros((len(ids), width), np.float32)
-        out[m][rows] = flat.reshape(len(rows), width)
-        out["mask"][rows, i] = 1.0
-    return ids, out
 
 
 def encode_side(model, side: str, feats: Mapping[str, np.ndarray]) -> dict:

@@ -25,7 +25,8 @@ from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 from mmrank.runs import StageRun
 from mmrank.scoring.candidates import candidate_pairs
 from mmrank.scoring.features import bad_feature_rows, coverage_counts, scorable, usable_rows, with_presence
-from mmrank.scoring.lookup import score_by_key, task_slots, write_snapshot
+from mmrank.scoring.lookup import score_by_key
+from mmrank.scoring.snapshot import snapshot_tables, task_slots
 from mmrank.scoring.scorer import QUANT_SUFFIX, load_scorer, resolve_version
 from mmrank.scoring.writer import ranking_rows, written_counts
 from mmrank.stages import stage
@@ -57,7 +58,7 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun, version: str | None = N
     work = lh.paths.work("score", f"{run_date.isoformat()}-{uuid.uuid4().hex[:8]}")
     joined = None
     try:
-        snap = write_snapshot(str(work), q_rows, p_rows, sc.bucket_mb, task_slots(lh.spark))
+        snap = snapshot_tables(lh, str(work), dims, sc.bucket_mb, task_slots(lh.spark))
         cands = candidate_pairs(lh, run_date, candidates, dims, snapshot=snap)
         joined = with_presence(cands, q_rows, p_rows).persist()
         counts.update(coverage_counts(joined))
