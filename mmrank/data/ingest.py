@@ -127,11 +127,12 @@ def read_media(uris: DataFrame, max_bytes: int) -> DataFrame:
 
 
 def attach_media(lh: Lakehouse, df: DataFrame, kinds: list[str]) -> DataFrame:
-    """Join `<kind>_bytes` for each `<kind>_uri` column and decode-check them (`<kind>_error`)."""
+    """Join `<kind>_bytes` for each `<kind>_uri` column and decode-check them (`<kind>_error`). The media side is
+    joined by shuffle, never broadcast: the planner sizes it from the (small) URI list, not from the bytes."""
     ic = lh.cfg.ingest
     for k in kinds:
         uris = df.select(F.col(f"{k}_uri").alias("uri")).where(F.col("uri").isNotNull()).distinct()
-        files = read_media(uris, ic.max_file_bytes)
+        files = read_media(uris, ic.max_file_bytes).hint("merge")
         df = df.join(files.withColumnRenamed("uri", f"{k}_uri").withColumnRenamed("content", f"{k}_bytes"),
                      f"{k}_uri", "left")
     return V.check_media(df, kinds, ic.max_file_bytes)
