@@ -20,6 +20,9 @@ class SparkConf(_Section):
     driver_memory: str = "4g"
     log_level: Literal["ALL", "DEBUG", "INFO", "WARN", "ERROR", "FATAL", "OFF"] = "ERROR"
     arrow_batch_size: int = Field(512, ge=1, description="spark.sql.execution.arrow.maxRecordsPerBatch")
+    reader_batch_size: int = Field(512, ge=1, description="spark.sql.parquet.columnarReaderBatchSize: rows per "
+                                   "vectorized Parquet batch (Spark's 4096 rows of `training_lists`, ~90 KB each, "
+                                   "overran a 1g heap)")
     extra: dict[str, str] = Field(default_factory=dict, description="additional spark.* settings")
 
 

@@ -64,6 +64,7 @@ def wanted_settings(cfg: MMRankConfig, given: dict[str, str]) -> dict[str, str]:
         "spark.driver.memory": sc.driver_memory,
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.sql.execution.arrow.maxRecordsPerBatch": str(sc.arrow_batch_size),
+        "spark.sql.parquet.columnarReaderBatchSize": str(sc.reader_batch_size),
         "spark.sql.session.timeZone": "UTC",
         "spark.ui.enabled": "false",
         "spark.ui.showConsoleProgress": "false",
