@@ -62,7 +62,7 @@ def test_python_buckets_equal_spark_buckets(spark):
 
 
 def test_raw_snapshot_equals_spark_snapshot_and_falls_back(spark, tmp_path):
-    lh = Lakehouse(spark, make_config(tmp_path))
+    lh = Lakehouse(spark, make_config(tmp_path / "a lakehouse"))  # a space: file URIs come percent-encoded
     _tables(lh)
     assert raw_files(lh, "product_features") is not None
     raw = snapshot_tables(lh, str(tmp_path / "raw"), DIMS, bucket_mb=0.003)
