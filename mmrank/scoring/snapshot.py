@@ -116,9 +116,10 @@ def usable_mask(emb, width: int | None) -> np.ndarray:
     return ok & (bad[ends] - bad[ends - np.clip(lens, 0, None)] == 0)
 
 
-def _split_files(side: str, n: int, dims: Mapping[str, int] | None, root: str):
-    """mapInArrow function over (group, path) rows: each group's files' usable rows -> one Parquet file per
-    bucket (`part-<group>.parquet`); yields (bucket, rows) counts."""
+def _split_files(side: str, n: int, dims: Mapping[str, int] | None, root: str, files: list[str], groups: int):
+    """mapInArrow function over `spark.range(groups)` (one row, one task per group): group g's files
+    (`files[g::groups]`) -> their usable rows, one Parquet file per bucket (`part-<g>.parquet`); yields
+    (bucket, rows) counts."""
     key, modalities = SIDES[side]
 
     def run(batches: Iterator) -> Iterator:
@@ -131,28 +132,29 @@ def _split_files(side: str, n: int, dims: Mapping[str, int] | None, root: str):
         schema = pa.schema([("id", pa.string()), ("modality", pa.string()), ("embedding", pa.list_(pa.float32()))])
         try:
             for b in batches:
-                for group, path in zip(b.column("group").to_pylist(), b.column("path").to_pylist()):
-                    fs, p = storage.filesystem(path)
-                    t = pq.read_table(p, columns=[key, "modality", "embedding"], filesystem=fs)
-                    t = t.select([key, "modality", "embedding"]).rename_columns(COLUMNS).cast(schema)
-                    for m in modalities:
-                        sub = t.filter(pc.equal(t.column("modality"), m))
-                        sub = sub.filter(pa.array(usable_mask(sub.column("embedding").combine_chunks(),
-                                                              (dims or {}).get(m))))
-                        if not sub.num_rows:
-                            continue
-                        bk = bucket_ids(sub.column("id").to_pylist(), n)
-                        for bucket in np.unique(bk):
-                            part = sub.filter(pa.array(bk == bucket))
-                            w = writers.get((group, int(bucket)))
-                            if w is None:
-                                out_fs, folder = storage.filesystem(storage.join(root, side, f"bucket={bucket}"))
-                                out_fs.makedirs(folder, exist_ok=True)
-                                w = writers[(group, int(bucket))] = pq.ParquetWriter(
-                                    f"{folder}/part-{group:05d}.parquet", schema, filesystem=out_fs,
-                                    compression="none")
-                            w.write_table(part)
-                            counts[int(bucket)] = counts.get(int(bucket), 0) + part.num_rows
+                for group in b.column("id").to_pylist():
+                    for path in files[group::groups]:
+                        fs, p = storage.filesystem(path)
+                        t = pq.read_table(p, columns=[key, "modality", "embedding"], filesystem=fs)
+                        t = t.select([key, "modality", "embedding"]).rename_columns(COLUMNS).cast(schema)
+                        for m in modalities:
+                            sub = t.filter(pc.equal(t.column("modality"), m))
+                            sub = sub.filter(pa.array(usable_mask(sub.column("embedding").combine_chunks(),
+                                                                  (dims or {}).get(m))))
+                            if not sub.num_rows:
+                                continue
+                            bk = bucket_ids(sub.column("id").to_pylist(), n)
+                            for bucket in np.unique(bk):
+                                w = writers.get((group, int(bucket)))
+                                if w is None:
+                                    out_fs, folder = storage.filesystem(storage.join(root, side, f"bucket={bucket}"))
+                                    out_fs.makedirs(folder, exist_ok=True)
+                                    w = writers[(group, int(bucket))] = pq.ParquetWriter(
+                                        f"{folder}/part-{group:05d}.parquet", schema, filesystem=out_fs,
+                                        compression="none")
+                                part = sub.filter(pa.array(bk == bucket))
+                                w.write_table(part)
+                                counts[int(bucket)] = counts.get(int(bucket), 0) + part.num_rows
         finally:
             for w in writers.values():
                 w.close()
@@ -163,10 +165,11 @@ def _split_files(side: str, n: int, dims: Mapping[str, int] | None, root: str):
 
 
 def _write_raw(lh, root: str, side: str, files: list[str], n: int, dims: Mapping[str, int] | None) -> None:
+    """One task per group of files (`spark.range` puts exactly one group in each partition; a hash
+    repartition of a few group ids can put them all in one task)."""
     groups = max(1, min(len(files), task_slots(lh.spark)))
-    rows = pd.DataFrame({"group": [i % groups for i in range(len(files))], "path": files})
-    df = lh.spark.createDataFrame(rows, "group int, path string").repartition(groups, "group")
-    df.mapInArrow(_split_files(side, n, dims, root), "bucket int, rows long").count()
+    (lh.spark.range(0, groups, 1, groups).mapInArrow(_split_files(side, n, dims, root, files, groups),
+                                                    "bucket int, rows long").count())
 
 
 def snapshot_tables(lh, root: str, dims: Mapping[str, int] | None, bucket_mb: float,
