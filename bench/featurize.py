@@ -5,10 +5,12 @@ and the cost of an incremental featurize night.
 
 Throughput: the same items (a synthetic catalog: template titles, 96 px noisy colour images, 1 s tone clips;
 or the lakehouse `products` when it has `--n` rows), the same encoder batches (features.<m>.batch_size), the
-same cores. Spark: local[T], T partitions, 1 torch thread per task, from a cached DataFrame of the items to
-the last embedding (`noop` sink). Direct, without Spark, the better of: 1 process x T torch threads, and T
-spawned processes x 1 thread each encoding its share side by side. Each path is warmed up first (models
-loaded, one pass over a small slice). With a GPU visible, the direct path is also measured on cuda.
+same cores. Spark: local[T], 1 torch thread per task, `featurize.encode_frame` from a cached DataFrame of the
+items as the stage's `with_bytes` delivers them (T partitions of one modality) to the last embedding (`noop`
+sink). Direct, without Spark, the better of: 1 process x T torch threads, and T spawned processes x 1 thread
+each encoding its share side by side. Each path is warmed up first (models loaded in every Python worker and
+process: a small slice of every partition / share). With a GPU visible, the direct path is also measured on
+cuda.
 
 Incremental (`--incremental N`, 0 = skip): a generated catalog of N products (+ N/10 queries) is ingested
 and featurized in full (timed), then 1% of the products get a new title and 1% a new image (MERGEd like an
@@ -82,11 +84,11 @@ def shard_work(arg: tuple) -> Callable[[], None]:
     return lambda: encode_all(enc, items)
 
 
-def time_spark(df, cfg: FeaturesConf, parts: int) -> float:
+def time_spark(df, cfg: FeaturesConf) -> float:
     from mmrank.stages.featurize import encode_frame
 
     t0 = time.perf_counter()
-    encode_frame(df, cfg, parts).write.format("noop").mode("overwrite").save()
+    encode_frame(df, cfg).write.format("noop").mode("overwrite").save()
     return time.perf_counter() - t0
 
 
@@ -108,8 +110,9 @@ def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, th
                             "content_hash": "x"})
         df = spark.createDataFrame(pdf, schema).repartition(threads).cache()
         df.count()
-        time_spark(df.limit(2 * enc.batch_size), cpu, threads)  # warm-up: workers start, encoders load
-        t_spark = min(time_spark(df, cpu, threads) for _ in range(repeats))
+        # warm-up: a slice of every partition, so every Python worker starts and loads its encoder
+        time_spark(df.sample(fraction=min(1.0, 2 * enc.batch_size * threads / len(data)), seed=0), cpu)
+        t_spark = min(time_spark(df, cpu) for _ in range(repeats))
         df.unpersist()
         set_threads(threads)
         encode_all(enc, data[: 2 * enc.batch_size])

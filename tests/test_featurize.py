@@ -125,3 +125,28 @@ def test_spark_path_matches_direct_encoder(flh):
     got = {r["id"]: r["embedding"] for r in featurize.encode_frame(df, cfg, 2).collect()}
     want = get_encoder("image", cfg).encode(items)
     np.testing.assert_allclose(np.array([got[f"p{i}"] for i in range(6)]), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("changed", [4, 1], ids=["most-changed-copartitioned", "few-changed-joined-then-spread"])
+def test_with_bytes_delivers_each_modality_in_partitions_of_its_own(flh, changed):
+    """Both join paths give every (source, modality) its own `n_parts` partitions (the encoders get full
+    batches without a second shuffle or sort) and join each item with its own bytes."""
+    lh = flh
+    imgs = {f"p{i}": image_bytes((40 * i, 90, 30), seed=i) for i in range(4)}
+    products(lh, [product(pid, f"item {pid}", img, wav_bytes(300 + 100 * i)) for i, (pid, img) in
+                  enumerate(imgs.items())])
+    counts = {f"{k}_products_{m}": 0 for k in ("attempted", "unchanged") for m in ("text", "image", "audio")}
+    counts.update({"attempted_products_image": changed, "unchanged_products_image": 4 - changed,
+                   "attempted_products_audio": changed, "unchanged_products_audio": 4 - changed})
+    cands = featurize.candidates(lh, "products", {"text": "t", "image": "i", "audio": "a"})
+    todo = cands.where((F.col("modality") == "text") | F.col("id").isin(*list(imgs)[:changed]))
+    got = featurize.with_bytes(lh, todo, counts, 3).withColumn("pid", F.spark_partition_id())
+    rows = got.select("pid", "source", "modality", "id", "data").collect()
+    per_part = {}
+    for r in rows:
+        per_part.setdefault(r["pid"], set()).add((r["source"], r["modality"]))
+    assert all(len(v) == 1 for v in per_part.values()), per_part
+    assert got.rdd.getNumPartitions() == 3 * 3  # text, image, audio: 3 partitions each
+    assert {r["id"]: r["data"] for r in rows if r["modality"] == "image"} == dict(list(imgs.items())[:changed])
+    assert sorted(r["id"] for r in rows if r["modality"] == "audio") == list(imgs)[:changed]
+    assert sorted(r["id"] for r in rows if r["modality"] == "text") == list(imgs)

@@ -89,20 +89,36 @@ def candidates(lh: Lakehouse, source: str, versions: dict[str, str]) -> DataFram
     return reduce(DataFrame.unionByName, parts)
 
 
-def with_bytes(lh: Lakehouse, todo: DataFrame) -> DataFrame:
+def with_bytes(lh: Lakehouse, todo: DataFrame, counts: dict[str, int], n_parts: int) -> DataFrame:
     """`todo` (source, id, modality, text, content_hash) plus `data`: the media bytes of its image/audio items,
-    joined by key from the source tables (only the rows to encode carry bytes from here on)."""
+    joined by key from the source tables (only the rows to encode carry bytes from here on).
+
+    Delivered ready for the encoders: each (source, modality) spread over `n_parts` partitions of its own, so
+    bytes cross the network once. When at least half of a media modality is to be encoded (a first night, a
+    new encoder), both sides are hash-partitioned by id into `n_parts` and joined in place (one shuffle of the
+    media); otherwise the few rows to encode are joined (a broadcast of their keys where Spark finds them
+    small) and only they are spread.
+    """
     cfg = lh.cfg.features
-    parts = [todo.where(F.col("modality") == "text").withColumn("data", F.lit(None).cast("binary"))]
+    cols = ["source", "id", "modality", "text", "data", "content_hash"]
+    parts = [todo.where(F.col("modality") == "text").withColumn("data", F.lit(None).cast("binary"))
+             .select(*cols).repartition(n_parts)]
     for source, (_, key) in FEATURE_TABLES.items():
         for m in MODALITIES[source]:
             _, data, _ = _inputs(source, m, cfg)
             if data is None:
                 continue
+            n = counts.get(f"attempted_{source}_{m}", 0)
+            if n == 0:
+                continue
+            keys = todo.where((F.col("source") == source) & (F.col("modality") == m))
             media = lh.read(source).select(F.col(key).alias("id"), F.col(data).alias("data"))
-            parts.append(todo.where((F.col("source") == source) & (F.col("modality") == m)).join(media, "id"))
-    return reduce(DataFrame.unionByName, [p.select("source", "id", "modality", "text", "data", "content_hash")
-                                          for p in parts])
+            if n >= counts.get(f"unchanged_{source}_{m}", 0):
+                part = keys.repartition(n_parts, "id").join(media.repartition(n_parts, "id"), "id")
+            else:
+                part = keys.join(media, "id").repartition(n_parts)
+            parts.append(part.select(*cols))
+    return reduce(DataFrame.unionByName, parts)
 
 
 def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
@@ -124,9 +140,12 @@ def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iter
     return _run
 
 
-def encode_frame(df: DataFrame, cfg: FeaturesConf, n_partitions: int) -> DataFrame:
-    """Encode a candidates DataFrame through mapInPandas (the Spark batch-inference path)."""
-    df = df.repartition(max(1, n_partitions)).sortWithinPartitions("modality")
+def encode_frame(df: DataFrame, cfg: FeaturesConf, n_partitions: int | None = None) -> DataFrame:
+    """Encode (source, id, modality, text, data, content_hash) rows through mapInPandas (the Spark
+    batch-inference path). With `n_partitions`, the rows are first spread over that many partitions, sorted by
+    modality; without, they are encoded as partitioned (`with_bytes` delivers one modality per partition)."""
+    if n_partitions is not None:
+        df = df.repartition(max(1, n_partitions)).sortWithinPartitions("modality")
     return df.mapInPandas(encode_batches(cfg), ENCODE_SCHEMA)
 
 
@@ -192,12 +211,13 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     for (s, m, unchanged, n) in marked.groupBy(
             "source", "modality", F.col("_have").isNotNull()).count().collect():
         rec.counts[f"{'unchanged' if unchanged else 'attempted'}_{s}_{m}"] = n
-    todo = with_bytes(lh, marked.where(F.col("_have").isNull()).drop("_have"))
     n_todo = sum(v for k, v in rec.counts.items() if k.startswith("attempted_"))
     min_batch = min(getattr(cfg, m).batch_size for m in versions)
-    n_parts = min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch))
-    log.info("featurize %s: encoding %d new or changed items in %d partition(s)", run_date, n_todo, n_parts)
-    encoded = encode_frame(todo, cfg, n_parts).persist(StorageLevel.MEMORY_AND_DISK)
+    n_parts = max(1, min(lh.spark.sparkContext.defaultParallelism, -(-n_todo // min_batch)))
+    todo = with_bytes(lh, marked.where(F.col("_have").isNull()).drop("_have"), rec.counts, n_parts)
+    log.info("featurize %s: encoding %d new or changed items in %d partition(s) per modality", run_date, n_todo,
+             n_parts)
+    encoded = encode_frame(todo, cfg).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         for (s, m, ok, n) in encoded.groupBy("source", "modality", F.col("error").isNull()).count().collect():
             if ok:
