@@ -7,10 +7,10 @@ Throughput: the same items (a synthetic catalog: template titles, 96 px noisy co
 or the lakehouse `products` when it has `--n` rows), the same encoder batches (features.<m>.batch_size), the
 same cores. Spark: local[T], 1 torch thread per task, `featurize.encode_frame` from a cached DataFrame of the
 items as the stage's `with_bytes` delivers them (T partitions of one modality) to the last embedding (`noop`
-sink). Direct, without Spark, the better of: 1 process x T torch threads, and T spawned processes x 1 thread
-each encoding its share side by side. Each path is warmed up first (models loaded in every Python worker and
-process: a small slice of every partition / share). With a GPU visible, the direct path is also measured on
-cuda.
+sink); beside it, the same path with an encoder that computes nothing (the transfer alone). Direct, without
+Spark, the better of: 1 process x T torch threads, and T spawned processes x 1 thread each encoding its share
+side by side. Each path is warmed up first (models loaded in every Python worker and process: a small slice
+of every partition / share). With a GPU visible, the direct path is also measured on cuda.
 
 Incremental (`--incremental N`, 0 = skip): a generated catalog of N products (+ N/10 queries) is ingested
 and featurized in full (timed), then 1% of the products get a new title and 1% a new image (MERGEd like an
@@ -92,6 +92,20 @@ def time_spark(df, cfg: FeaturesConf) -> float:
     return time.perf_counter() - t0
 
 
+def _touch(batches):
+    """A mapInPandas function that takes each batch's items as the encoder would and computes nothing."""
+    for pdf in batches:
+        pdf["text"].tolist(), pdf["data"].tolist()
+        yield pdf.iloc[:0][["id"]]
+
+
+def time_transfer(df) -> float:
+    """The Spark path without the encoder: the items' JVM -> Python transfer alone (the path's own cost)."""
+    t0 = time.perf_counter()
+    df.mapInPandas(_touch, "id string").write.format("noop").mode("overwrite").save()
+    return time.perf_counter() - t0
+
+
 def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, threads: int, repeats: int,
                gpu_cfg: FeaturesConf | None) -> list[str]:
     from mmrank.testing.timing import side_by_side
@@ -99,7 +113,7 @@ def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, th
     rows = [f"Items: {source}, n={len(items['text'])} per modality; Spark local[{threads}] x 1 torch thread per "
             f"task vs direct (best of 1 process x {threads} torch threads and {threads} processes x 1 thread).",
             "", "| encoder | dim | batch | Spark items/s | direct 1 proc x T threads | direct T procs x 1 thread "
-            "| Spark / best direct |", "|---|---|---|---|---|---|---|"]
+            "| Spark / best direct | Spark transfer alone, items/s |", "|---|---|---|---|---|---|---|---|"]
     gpu_rows = []
     schema = "source string, id string, modality string, text string, data binary, content_hash string"
     for m in MODALITIES:
@@ -113,6 +127,7 @@ def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, th
         # warm-up: a slice of every partition, so every Python worker starts and loads its encoder
         time_spark(df.sample(fraction=min(1.0, 2 * enc.batch_size * threads / len(data)), seed=0), cpu)
         t_spark = min(time_spark(df, cpu) for _ in range(repeats))
+        t_transfer = min(time_transfer(df) for _ in range(max(2, repeats)))
         df.unpersist()
         set_threads(threads)
         encode_all(enc, data[: 2 * enc.batch_size])
@@ -122,7 +137,8 @@ def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, th
         t_procs = min(side_by_side(shard_work, shards) for _ in range(repeats))
         n = len(data)
         rows.append(f"| {m}: {enc.name} ({enc.version}) | {enc.dim} | {enc.batch_size} | {n / t_spark:.1f} | "
-                    f"{n / t_threads:.1f} | {n / t_procs:.1f} | {min(t_threads, t_procs) / t_spark:.2f}x |")
+                    f"{n / t_threads:.1f} | {n / t_procs:.1f} | {min(t_threads, t_procs) / t_spark:.2f}x | "
+                    f"{n / t_transfer:.0f} |")
         print(rows[-1], flush=True)
         if gpu_cfg is not None:
             g = get_encoder(m, gpu_cfg)

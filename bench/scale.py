@@ -19,10 +19,12 @@ Data per size N: N products (images 32x32, 0.25 s audio at 8 kHz), N/10 queries 
 query, 5 sessions per query, one log day: 10 N log events. Encoders are configured small (the encoders' own
 speed is bench/featurize.py's job): text = a random-init 2-layer BERT (hidden 32) with the MiniLM tokenizer,
 image = ResNet-18 at 32 px + hand-crafted colour/texture features, audio = log-mel CNN (16 mels, 8 MFCC,
-16 channels, 0.5 s). Training runs 2 epochs, LightGBM 50 trees. The two bounded driver samples are lowered to fit
-the 64m maxResultSize (they do not grow with the data, but their defaults are sized for Spark's 1g): the
-alignment's `train.align.max_pairs` 50,000 -> 10,000 products (50,000 x ~5 KB of embeddings is ~140 MB here)
-and the baselines' `evaluate.driver_max_lists` 2,000 -> 500 lists. Everything else is the default.
+16 channels, 0.5 s). Training runs 2 epochs, LightGBM 50 trees. The three bounded driver samples are lowered to
+fit the 64m maxResultSize (they do not grow with the data, but their defaults are sized for a larger driver):
+the alignment's `train.align.max_pairs` 50,000 -> 10,000 products (50,000 x ~5 KB of embeddings is ~140 MB
+here), the tuning trials' `train.tune.max_lists` 20,000 -> 500 lists per split (collecting the 100k size's
+whole train split for them ran the 1g JVM out of heap) and the baselines'
+`evaluate.driver_max_lists` 2,000 -> 500 lists. Everything else is the default.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def overrides(root: Path, n_products: int, bert: str) -> list[str]:
             "features.audio.sample_rate=8000", "features.audio.n_mels=16", "features.audio.n_mfcc=8",
             "features.audio.conv_channels=16", "features.audio.max_seconds=0.5", "features.device=cpu",
             "train.max_epochs=2", "train.patience=2", "train.data_loader=parquet", "train.align.max_pairs=10000",
-            "evaluate.driver_max_lists=500",
+            "train.tune.max_lists=500", "evaluate.driver_max_lists=500",
             "evaluate.lgbm_params={n_estimators: 50}", "score.similarity_top_k=20", "score.top_n=20"]
 
 
