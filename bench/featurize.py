@@ -1,7 +1,8 @@
 """Benchmark: encoder throughput through the Spark job path (mapInPandas) vs the same encoder called directly,
 and the cost of an incremental featurize night.
 
-    python bench/featurize.py [--n 4096] [--repeats 1] [--incremental 4096] [--conf C] [--set k=v ...]
+    python bench/featurize.py [--n 4096] [--repeats 1] [--incremental 4096] [--modalities text,image,audio]
+                              [--conf C] [--set k=v ...]
 
 Throughput: the same items (a synthetic catalog: template titles, 96 px noisy colour images, 1 s tone clips;
 or the lakehouse `products` when it has `--n` rows), the same encoder batches (features.<m>.batch_size), the
@@ -45,13 +46,14 @@ _WORDS = (["red", "blue", "green", "black", "white", "leather", "cotton", "wirel
 RUN_DATE = dt.date(2026, 11, 21)
 
 
-def synthetic_items(n: int, seed: int = 0) -> dict[str, list]:
+def synthetic_items(n: int, seed: int = 0, modalities: tuple[str, ...] = MODALITIES) -> dict[str, list]:
     rng = np.random.default_rng(seed)
-    text = [f"{rng.choice(_WORDS[0])} {rng.choice(_WORDS[1])} | brand{i % 17} | category{i % 9} | "
-            f"a {rng.choice(_WORDS[0])} item for everyday use, model {i}" for i in range(n)]
-    image = [image_bytes(tuple(int(c) for c in rng.integers(0, 256, 3)), size=96, seed=i) for i in range(n)]
-    audio = [wav_bytes(float(rng.uniform(200, 3000)), seconds=1.0, seed=i) for i in range(n)]
-    return {"text": text, "image": image, "audio": audio}
+    make = {
+        "text": lambda i: f"{rng.choice(_WORDS[0])} {rng.choice(_WORDS[1])} | brand{i % 17} | category{i % 9} | "
+                          f"a {rng.choice(_WORDS[0])} item for everyday use, model {i}",
+        "image": lambda i: image_bytes(tuple(int(c) for c in rng.integers(0, 256, 3)), size=96, seed=i),
+        "audio": lambda i: wav_bytes(float(rng.uniform(200, 3000)), seconds=1.0, seed=i)}
+    return {m: [make[m](i) for i in range(n)] for m in modalities}
 
 
 def lakehouse_items(lh, n: int) -> dict[str, list] | None:
@@ -107,16 +109,16 @@ def time_transfer(df) -> float:
 
 
 def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, threads: int, repeats: int,
-               gpu_cfg: FeaturesConf | None) -> list[str]:
+               gpu_cfg: FeaturesConf | None, modalities: tuple[str, ...] = MODALITIES) -> list[str]:
     from mmrank.testing.timing import side_by_side
 
-    rows = [f"Items: {source}, n={len(items['text'])} per modality; Spark local[{threads}] x 1 torch thread per "
+    rows = [f"Items: {source}, n={len(items[modalities[0]])} per modality; Spark local[{threads}] x 1 torch thread per "
             f"task vs direct (best of 1 process x {threads} torch threads and {threads} processes x 1 thread).",
             "", "| encoder | dim | batch | Spark items/s | direct 1 proc x T threads | direct T procs x 1 thread "
             "| Spark / best direct | Spark transfer alone, items/s |", "|---|---|---|---|---|---|---|---|"]
     gpu_rows = []
     schema = "source string, id string, modality string, text string, data binary, content_hash string"
-    for m in MODALITIES:
+    for m in modalities:
         data = items[m]
         enc = get_encoder(m, cpu)
         pdf = pd.DataFrame({"source": "products", "id": [str(i) for i in range(len(data))], "modality": m,
@@ -205,6 +207,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="cores used by both paths (Spark local[T])")
     ap.add_argument("--incremental", type=int, default=4096, help="products of the incremental-night check (0 = skip)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--modalities", default=",".join(MODALITIES), help="encoders measured, comma-separated")
     ap.add_argument("--conf", default=None)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
@@ -217,13 +220,17 @@ def main() -> None:
     load = os.getloadavg()
     out = [f"load average before: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores", ""]
     if not args.skip_throughput:
+        modalities = tuple(m for m in args.modalities.split(",") if m)
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown:
+            ap.error(f"--modalities: unknown {sorted(unknown)}; choose from {', '.join(MODALITIES)}")
         items = lakehouse_items(Lakehouse(spark, cfg), args.n)
         source = "lakehouse products"
         if items is None:
-            items, source = synthetic_items(args.n), "synthetic catalog"
+            items, source = synthetic_items(args.n, modalities=modalities), "synthetic catalog"
         cpu = cfg.features.model_copy(update={"device": "cpu", "torch_threads": 1})
         gpu = cfg.features.model_copy(update={"device": "cuda"}) if torch.cuda.is_available() else None
-        out += throughput(spark, items, source, cpu, args.threads, args.repeats, gpu)
+        out += throughput(spark, items, source, cpu, args.threads, args.repeats, gpu, modalities)
     if args.incremental:
         out += [""] + incremental(spark, args.incremental, [o for o in args.overrides if not o.startswith("storage.")],
                                   args.conf)
