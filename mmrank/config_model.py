@@ -109,6 +109,9 @@ class TrainConf(_Section):
         "older GPUs, fp32 on CPU")
     split: dict[str, float] = {"train": 0.7, "validation": 0.15, "test": 0.15}
     data_loader: str = Field("petastorm", description="registered data loader (mmrank.distributed.loaders)")
+    shuffle_buffer: int = Field(2048, ge=1, description="lists a rank holds in memory: a shard up to this size is "
+                                "read once and kept, a larger one is streamed each epoch through a shuffle buffer "
+                                "of this size")
     train_every_days: int = Field(1, ge=1, description="nightly retrains when the model is this many days old")
 
     @field_validator("split")

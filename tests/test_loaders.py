@@ -110,3 +110,29 @@ def test_parquet_matches_petastorm_rows(lists_lh):
             g = torch.cat([b["grades"] for b in make_loader(specs["train"]).epoch_batches(0)]).numpy()
         return g[np.lexsort(g.T[::-1])]
     np.testing.assert_array_equal(rows("parquet"), rows("petastorm"))
+
+
+@pytest.mark.parametrize("kind", ["parquet", "petastorm"])
+def test_a_shard_larger_than_the_buffer_is_streamed_each_epoch(spark, tmp_path, kind):
+    """A shard over `train.shuffle_buffer` lists is never held whole: each epoch streams every list once, in an
+    order seeded by (seed, epoch, rank), in exactly `steps` batches."""
+    buffer = 5
+    lh = Lakehouse(spark, make_config(tmp_path, f"train.list_size={L}", "train.batch_size=4",
+                                      f"train.shuffle_buffer={buffer}"))
+    lh.overwrite("training_lists",
+                 synthetic_lists_df(spark, 60, L, DIMS, seed=7, splits=(1.0, 0.0)).repartition(6))
+    piece = max(r[0] for r in lh.read("training_lists").groupBy(F.spark_partition_id()).count()
+                .select("count").collect())
+    with prepare_specs(lh, lh.cfg.train, DIMS, 2, splits=("train",), kind=kind) as specs:
+        spec = specs["train"]
+        for rank in (0, 1):
+            ld = make_loader(spec, rank, 2)
+            n = ld.shard_size()
+            assert n > buffer
+            orders = [_order(ld, epoch) for epoch in (0, 1)]
+            for o in orders:
+                assert sorted(o) == list(range(n))  # every list of the shard once per epoch
+            assert orders[0] != orders[1]  # reshuffled per epoch
+            assert orders[0] == _order(make_loader(spec, rank, 2), 0)  # reproducible
+            assert len(list(ld.epoch_batches(2))) == spec.steps
+            assert ld._rows is None and 0 < ld.peak_buffered <= buffer + piece < n + piece
