@@ -255,8 +255,10 @@ class ParquetLoader(_ShardLoader):
 
 
 def _columns(t) -> dict[str, np.ndarray]:
-    """`KEY_COL` + the contract arrays of a pyarrow table, one float32 array (or None) per row."""
-    out = {c: _object_array([None if v is None else np.asarray(v, np.float32)
+    """`KEY_COL` + the contract arrays of a pyarrow table, one float32 array (or None) per row. Each row is
+    copied out of the Arrow buffers (a view would keep its whole record batch alive while the row waits in the
+    shuffle buffer)."""
+    out = {c: _object_array([None if v is None else np.array(v, np.float32)
                              for v in t[c].to_numpy(zero_copy_only=False)]) for c in ARRAY_COLS}
     out[KEY_COL] = np.asarray(t["query_id"].to_pylist(), dtype=object)
     return out
