@@ -76,6 +76,8 @@ def wanted_settings(cfg: MMRankConfig, given: dict[str, str]) -> dict[str, str]:
     }
     if given.get("spark.master", sc.master).startswith("local"):  # one machine: nothing listens beyond loopback
         out.update({"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"})
+        # and its Delta logs are replayed in as many partitions as it shuffles into, not Delta's cluster-sized 50
+        out.setdefault("spark.databricks.delta.snapshotPartitions", str(sc.shuffle_partitions))
     shipped = [os.path.basename(p) for p in given.get("spark.submit.pyFiles", "").split(",") if p]
     if shipped:  # executors fetch --py-files into their working directory, where their tasks run
         out["spark.executorEnv.PYTHONPATH"] = os.pathsep.join(shipped)

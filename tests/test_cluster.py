@@ -111,7 +111,9 @@ def small_sets(bert: str) -> list[str]:
             "features.image.image_size=64", f"features.text.path={bert}", "features.device=cpu",
             "train.max_epochs=3", "train.data_loader=parquet", "train.list_size=10", "train.proj_dim=8",
             "train.hidden_dim=16", "score.top_n=5", "score.similarity_top_k=5", "evaluate.baselines=false",
-            "spark.shuffle_partitions=2", "spark.driver_memory=1g"]
+            "spark.shuffle_partitions=2", "spark.driver_memory=1g",
+            # what a local session sets itself (mmrank.spark.wanted_settings): tiny Delta logs, few partitions
+            'spark.extra={"spark.databricks.delta.snapshotPartitions": "2"}']
 
 
 def as_args(sets: list[str]) -> list[str]:

@@ -23,5 +23,9 @@ def test_wanted_settings_fill_in_what_executors_need():
     assert w["spark.executorEnv.PYTHONPATH"] == "mmrank-0.1.0.zip:io.delta_delta-spark.jar"
     assert json.loads(w["spark.executorEnv.FSSPEC_S3"]) == {"endpoint_url": "http://127.0.0.1:9"}
     assert "spark.driver.bindAddress" not in w         # the cluster decides where the driver listens
+    assert "spark.databricks.delta.snapshotPartitions" not in w  # a cluster keeps Delta's own default
     local = wanted_settings(cfg, {})
     assert local["spark.driver.bindAddress"] == "127.0.0.1" and "spark.executorEnv.PYTHONPATH" not in local
+    assert local["spark.databricks.delta.snapshotPartitions"] == str(cfg.spark.shuffle_partitions)
+    mine = load_config(None, ['spark.extra={"spark.databricks.delta.snapshotPartitions": "9"}'])
+    assert wanted_settings(mine, {})["spark.databricks.delta.snapshotPartitions"] == "9"  # spark.extra wins
