@@ -89,9 +89,7 @@ def shard_work(arg: tuple) -> Callable[[], None]:
 def time_spark(df, cfg: FeaturesConf) -> float:
     from mmrank.stages.featurize import encode_frame
 
-    t0 = time.perf_counter()
-    encode_frame(df, cfg).write.format("noop").mode("overwrite").save()
-    return time.perf_counter() - t0
+    return _timed(lambda: encode_frame(df, cfg).write.format("noop").mode("overwrite").save())
 
 
 def _touch(batches):
@@ -103,9 +101,7 @@ def _touch(batches):
 
 def time_transfer(df) -> float:
     """The Spark path without the encoder: the items' JVM -> Python transfer alone (the path's own cost)."""
-    t0 = time.perf_counter()
-    df.mapInPandas(_touch, "id string").write.format("noop").mode("overwrite").save()
-    return time.perf_counter() - t0
+    return _timed(lambda: df.mapInPandas(_touch, "id string").write.format("noop").mode("overwrite").save())
 
 
 def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, threads: int, repeats: int,
