@@ -13,9 +13,10 @@ features, alignment), randomly initialised. They are generated inside Spark task
 real `product_features` / `query_features` Delta tables (nothing passes through the driver), and the direct
 path generates the identical arrays in memory (the same function of the id block).
 
-Spark timing = what the score stage does after choosing the pairs: write the bucketed feature snapshot
-(`snapshot.snapshot_tables`) + score every pair (`lookup.score_by_key`) until every scored row has been produced
-(`noop` sink). Direct timing starts from the features already as numpy matrices in memory (model time only,
+Spark timing = what the score stage does after choosing the pairs: the feature snapshot
+(`snapshot.snapshot_tables`: the tables are stored in id buckets, so it lists their files and writes nothing) +
+score every pair (`lookup.score_by_key`, each task reading its buckets' files) until every scored row has been
+produced (`noop` sink). Direct timing starts from the features already as numpy matrices in memory (model time only,
 the strictest baseline): encode every query and product once, score the pairs in `score.batch_size` chunks,
 with the same thread budget split two ways: 1 process x T threads, T processes x 1 thread (each scoring its
 share of the pairs); the better is the baseline of the first ratio (1 process x 1 thread is shown for
@@ -122,7 +123,7 @@ def pair_keys(spark, n_pairs: int, n_queries: int):
 
 def time_spark(lh, pairs, adir: str, version: str, quantize: bool, batch_size: int, bucket_mb: float
                ) -> tuple[float, float]:
-    """(seconds for snapshot + scoring, seconds for the snapshot alone)."""
+    """(seconds for snapshot + scoring, seconds for the snapshot alone: listing the tables' bucket files)."""
     from mmrank.scoring.lookup import score_by_key
     from mmrank.scoring.snapshot import snapshot_tables, task_slots
 
@@ -333,7 +334,7 @@ def main(argv=None) -> int:
               f"Spark local[{slots}] = {slots} task slots x 1 torch thread; best of {args.repeats}; torch "
               f"{torch.__version__}; load average before the run {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
               f"on {os.cpu_count()} cores)\n")
-        print("| model | Spark: keys + bucketed lookup (score stage) | of which snapshot write (s) | "
+        print("| model | Spark: keys + bucketed lookup (score stage) | of which snapshot (s) | "
               + " | ".join(f"direct {n}" for n in names) + " | Spark / best direct (features in memory) | "
               f"direct 1 proc x {slots} threads incl. reading the tables | Spark / direct incl. reading |")
         print("|---|---:|---:|" + "---:|" * len(names) + "---:|---:|---:|")

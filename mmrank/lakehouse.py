@@ -3,7 +3,10 @@
 - `replace(name, df, where)`: `replaceWhere` overwrite of exactly the rows matching `where` (a date, a stage).
 - `merge(name, df)`: upsert on the table's keys; rows whose `content_hash` is unchanged are left untouched.
 - `overwrite(name, df)`: whole-table replacement in one commit (readers see the old or the new version).
-Schemas are enforced on write: a DataFrame must carry exactly the contract's columns (castable types).
+Schemas are enforced on write: a DataFrame must carry exactly the contract's columns (castable types). A table
+with `bucket_by` (the feature tables) is stored partitioned by its id bucket (`mmrank.buckets`): the `bucket`
+column is added on write and dropped on read, and a table written before it had buckets is rewritten into them
+on its next write.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from mmrank.buckets import BUCKET_COLUMN, FEATURE_BUCKETS, bucket_of
 from mmrank.config import MMRankConfig
 from mmrank.paths import StoragePaths
 from mmrank.storage import hadoop_uri
@@ -87,14 +91,13 @@ class Lakehouse:
         if self.exists(name):
             return
         t = spec(name)
-        b = DeltaTable.createIfNotExists(self.spark).addColumns(t.schema)
+        b = DeltaTable.createIfNotExists(self.spark).addColumns(t.stored_schema)
         b = b.location(self.location(name)) if self.root is not None else b.tableName(self.location(name))
-        if t.partition_by:
-            b = b.partitionedBy(*t.partition_by)
+        if t.stored_partitions:
+            b = b.partitionedBy(*t.stored_partitions)
         b.execute()
 
-    def read(self, name: str, version: int | None = None) -> DataFrame:
-        self.ensure(name)
+    def _stored_read(self, name: str, version: int | None = None) -> DataFrame:
         if self.root is not None:
             r = self.spark.read.format("delta")
             if version is not None:
@@ -103,6 +106,25 @@ class Lakehouse:
         if version is not None:
             return self.spark.read.option("versionAsOf", version).table(self.location(name))
         return self.spark.table(self.location(name))
+
+    def keep_layout(self, name: str) -> None:
+        """Give a bucketed table written before it was bucketed (no `bucket` column) its stored layout: one
+        whole-table rewrite, in one commit, rows unchanged. Every write does this first; a job that writes the
+        table calls it before it builds DataFrames over the table (those would still name the old files)."""
+        t = spec(name)
+        if not t.bucket_by:
+            return
+        self.ensure(name)
+        if BUCKET_COLUMN not in self._stored_read(name).columns:
+            log.warning("%s: rewriting the table once into its %d id buckets (written before it was bucketed)",
+                        name, FEATURE_BUCKETS)
+            self.overwrite(name, self.read(name))
+
+    def read(self, name: str, version: int | None = None) -> DataFrame:
+        """The table's rows in its contract's columns (a bucketed table's `bucket` column is left out)."""
+        self.ensure(name)
+        df = self._stored_read(name, version)
+        return df.drop(BUCKET_COLUMN) if spec(name).bucket_by else df
 
     def checksum(self, name: str, exclude: tuple[str, ...] | list[str] = ()) -> str:
         """Order-independent sha256 of the table's current rows (a multiset hash: row order, file layout and
@@ -149,14 +171,17 @@ class Lakehouse:
         missing, extra = [c for c in want if c not in have], sorted(have - set(want))
         if missing or extra:
             raise SchemaMismatch(f"{name}: missing columns {missing}, unexpected columns {extra}")
-        return df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in t.schema.fields])
+        out = df.select([F.col(f.name).cast(f.dataType).alias(f.name) for f in t.schema.fields])
+        return out.withColumn(BUCKET_COLUMN, bucket_of(t.bucket_by, FEATURE_BUCKETS)) if t.bucket_by else out
 
     # ---- writes -----------------------------------------------------------------------------------
     def _writer(self, name: str, df: DataFrame, mode: str):
-        w = df.write.format("delta").mode(mode)
         t = spec(name)
-        if t.partition_by:
-            w = w.partitionBy(*t.partition_by)
+        if t.bucket_by:  # one task per bucket: one file per bucket, not one per (input partition, bucket)
+            df = df.repartition(BUCKET_COLUMN)
+        w = df.write.format("delta").mode(mode)
+        if t.stored_partitions:
+            w = w.partitionBy(*t.stored_partitions)
         return w
 
     def _save(self, name: str, w) -> None:
@@ -191,6 +216,7 @@ class Lakehouse:
     def replace(self, name: str, df: DataFrame, where: str) -> None:
         """Atomically replace the rows matching `where` (e.g. run_date = '2026-11-21') with `df`."""
         self.ensure(name)
+        self.keep_layout(name)
         self._save(name, self._writer(name, self.conform(name, df), "overwrite").option("replaceWhere", where))
 
     def replace_date(self, name: str, df: DataFrame, run_date: dt.date | str, extra: str = "") -> None:
@@ -205,6 +231,7 @@ class Lakehouse:
 
     def append(self, name: str, df: DataFrame) -> None:
         self.ensure(name)
+        self.keep_layout(name)
         self._save(name, self._writer(name, self.conform(name, df), "append"))
 
     def merge(self, name: str, df: DataFrame, delete_missing: Column | None = None,
@@ -213,18 +240,19 @@ class Lakehouse:
         `deletes`: key columns of rows to delete in the same commit (so a change that also removes rows moves
         only the changed rows and the keys, never the unchanged rest of the table)."""
         self.ensure(name)
+        self.keep_layout(name)
         t = spec(name)
         src = self.conform(name, df)
         if deletes is not None:
             src = src.withColumn("_delete", F.lit(False)).unionByName(deletes.select(
                 *[F.col(f.name).cast(f.dataType) if f.name in t.keys else F.lit(None).cast(f.dataType).alias(f.name)
-                  for f in t.schema.fields], F.lit(True).alias("_delete")))
+                  for f in t.stored_schema.fields], F.lit(True).alias("_delete")))
         cond = " AND ".join(f"t.`{k}` <=> s.`{k}`" for k in t.keys)
         m = self._delta(name).alias("t").merge(src.alias("s"), cond)
         keep = "NOT s._delete" if deletes is not None else "true"
         if deletes is not None:
             m = m.whenMatchedDelete(condition="s._delete")
-        values = {f"`{c}`": f"s.`{c}`" for c in t.columns}
+        values = {f"`{c.name}`": f"s.`{c.name}`" for c in t.stored_schema.fields}
         changed = "NOT (t.content_hash <=> s.content_hash)" if "content_hash" in t.columns else "true"
         m = m.whenMatchedUpdate(condition=f"{keep} AND {changed}", set=values)
         m = m.whenNotMatchedInsert(condition=keep, values=values)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pyspark.sql.types import StructType, _parse_datatype_string
+from pyspark.sql.types import IntegerType, StructField, StructType, _parse_datatype_string
+
+from mmrank.buckets import BUCKET_COLUMN, FEATURE_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,7 @@ class TableSpec:
     doc: str
     partition_by: tuple[str, ...] = ()
     not_null: tuple[str, ...] = field(default=())
+    bucket_by: str | None = None  # stored partitioned by `bucket` = crc32(this column) mod FEATURE_BUCKETS
 
     @property
     def schema(self) -> StructType:
@@ -30,6 +33,18 @@ class TableSpec:
     @property
     def columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
+
+    @property
+    def stored_schema(self) -> StructType:
+        """The schema on disk: the contract's, plus the `bucket` partition column of a bucketed table (a layout
+        detail: `Lakehouse` adds it on write and drops it on read)."""
+        if not self.bucket_by:
+            return self.schema
+        return StructType([*self.schema.fields, StructField(BUCKET_COLUMN, IntegerType(), False)])
+
+    @property
+    def stored_partitions(self) -> tuple[str, ...]:
+        return (BUCKET_COLUMN,) if self.bucket_by else self.partition_by
 
 
 _EMB = "array<float>"
@@ -78,13 +93,16 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in [
         f"product_id string, modality string, embedding {_EMB}, dim int, encoder string, "
         "encoder_version string, content_hash string, run_date date",
         keys=("product_id", "modality"), not_null=("product_id", "modality", "embedding", "encoder_version"),
+        bucket_by="product_id",
         doc="One embedding per product and modality (`text`, `image`, `audio`); a missing modality is a "
-            "missing row. MERGEd incrementally: only changed content is re-encoded."),
+            "missing row. MERGEd incrementally: only changed content is re-encoded. Stored in id buckets, so "
+            "scoring reads only the files of the buckets it needs."),
     TableSpec(
         "query_features",
         f"query_id string, modality string, embedding {_EMB}, dim int, encoder string, "
         "encoder_version string, content_hash string, run_date date",
         keys=("query_id", "modality"), not_null=("query_id", "modality", "embedding", "encoder_version"),
+        bucket_by="query_id",
         doc="One embedding per query: typed queries through the text encoder, voice queries through audio."),
     TableSpec(
         "lexical_tokens",
@@ -151,6 +169,9 @@ def contracts_markdown() -> str:
     out = []
     for t in TABLES.values():
         part = f"; partitioned by `{', '.join(t.partition_by)}`" if t.partition_by else ""
+        if t.bucket_by:
+            part = (f"; stored partitioned by `{BUCKET_COLUMN}` = crc32(`{t.bucket_by}`) mod {FEATURE_BUCKETS}, "
+                    "a column readers do not see")
         nn = f"; not null: {', '.join(t.not_null)}" if t.not_null else ""
         out.append(f"- **`{t.name}`** (key `{', '.join(t.keys)}`{part}{nn}): {t.doc}\n  `{t.ddl}`")
     return "\n".join(out)

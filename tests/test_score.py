@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +10,7 @@ from pyspark.sql import Row
 from pyspark.sql import functions as F
 
 from mmrank.scoring import candidates, features, scorer
+from mmrank.scoring.snapshot import snapshot_tables, task_slots
 from mmrank.stages import score
 from mmrank.lakehouse import Lakehouse
 from tests.conftest import make_config
@@ -140,9 +140,10 @@ def test_similarity_candidates_equal_brute_force(spark, tmp_path, bucket_mb):
     """Blocked top-k (one bucket per side, or several query buckets x product groups) = brute force."""
     slh = Lakehouse(spark, make_config(tmp_path, f"score.bucket_mb={bucket_mb}"))
     build_inputs(slh, n_products=60, seed=2)
-    got = candidates.top_k_by_similarity(slh, k=4, max_cells=50).toPandas()
-    root = Path(slh.paths.work("similarity"))
-    assert bucket_mb > 1 or len(list((root / "queries").glob("bucket=*"))) > 1
+    snap = snapshot_tables(slh, str(slh.paths.work("similarity")), None, bucket_mb, task_slots(spark))
+    assert snap.files is not None  # the tables' own files, read in place
+    assert bucket_mb > 1 or snap.query_buckets > 1
+    got = candidates.top_k_by_similarity(slh, k=4, max_cells=50, snapshot=snap).toPandas()
     prods = slh.read("product_features").toPandas()
     quers = slh.read("query_features").toPandas()
     for _, q in quers.iterrows():

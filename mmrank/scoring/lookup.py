@@ -4,9 +4,10 @@ where they live, a per-run Parquet snapshot bucketed by id, and encodes every qu
 Why: a pair's features are ~6 KB (text, image and audio embeddings of both sides). Joining them onto every
 pair and shipping them JVM -> Arrow -> Python cost more than the model itself. Instead:
 
-1. `snapshot.snapshot_tables`: the usable feature rows (id, modality, embedding) of queries and of products,
-   each side bucketed by id (buckets sized so one fits `score.bucket_mb`), written once as Parquet under the
-   run's work folder (`bucket=<b>/` folders); see `mmrank.scoring.snapshot`.
+1. `snapshot.snapshot_tables`: where each side's feature rows are, by id bucket (buckets grouped so one fits
+   `score.bucket_mb`): the feature tables' own files, which are stored in id buckets (nothing is written), or,
+   for tables that cannot be read that way, a snapshot written under the run's work folder; see
+   `mmrank.scoring.snapshot`.
 2. `score_by_key`: the pairs get their cell (query bucket, product bucket), are range-partitioned one cell per
    task and sorted by key (deterministic batches, so int8 re-runs are bit-identical); the task (`mapInArrow`)
    reads its two buckets with pyarrow, encodes them with `FusionRanker.encode_queries` / `encode_products` and

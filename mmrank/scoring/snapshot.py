@@ -1,7 +1,12 @@
 """A run's feature snapshot: the usable feature rows of queries and products, each side bucketed by id, where
-the scoring and similarity tasks read them (`<root>/<side>/bucket=<b>/*.parquet`: id, modality, embedding).
+the scoring and similarity tasks read them.
 
-Two writers, one layout:
+In place (the usual case, nothing written): the feature tables are stored in FEATURE_BUCKETS id buckets
+(`mmrank.tables`, `mmrank.buckets`); `snapshot_tables` lists their current data files (the Delta snapshot's,
+so removed files are never read) and groups the buckets (a power of two of groups, sized by `score.bucket_mb`);
+a task reads its group's files with pyarrow and keeps the usable rows. When a table cannot be read that way
+(deletion vectors, column mapping, or written before it was bucketed), a snapshot is written under the run's
+work folder (`<root>/<side>/bucket=<b>/*.parquet`: id, modality, embedding) by one of two writers:
 - `snapshot_tables(lh, root, ...)` (the score stage and the similarity candidates): when a feature table's data
   files can be read as plain Parquet (Delta without deletion vectors or column mapping, see `raw_files`), Python
   tasks read them with pyarrow, keep the usable rows (`usable_mask`, the `features.usable` rule) and write each
@@ -15,33 +20,26 @@ id, so every run encodes the same items in the same batches (int8 re-runs stay b
 """
 from __future__ import annotations
 
+import logging
 import math
-import zlib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column, DataFrame
+from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
 from mmrank import storage
+from mmrank.buckets import FEATURE_BUCKETS, bucket_ids, bucket_of  # noqa: F401  (bucket_of re-exported)
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 
+log = logging.getLogger("mmrank.snapshot")
+_BUCKET_DIR = re.compile(r"/bucket=(\d+)/[^/]+$")
 SIDES = {"queries": ("query_id", QUERY_MODALITIES), "products": ("product_id", PRODUCT_MODALITIES)}
 TABLES = {"queries": "query_features", "products": "product_features"}
 COLUMNS = ["id", "modality", "embedding"]
-
-
-def bucket_of(col: str | Column, n: int) -> Column:
-    """The bucket (0..n-1) of an id column: crc32 of its UTF-8 bytes mod n (= `bucket_ids` in Python)."""
-    return F.pmod(F.crc32(F.col(col).cast("binary") if isinstance(col, str) else col.cast("binary")),
-                  F.lit(int(n))).cast("int")
-
-
-def bucket_ids(ids, n: int) -> np.ndarray:
-    """`bucket_of` in Python: crc32(utf-8 id) mod n for each id."""
-    return np.fromiter((zlib.crc32(str(i).encode("utf-8")) % n for i in ids), np.int64, count=len(ids))
 
 
 def task_slots(spark) -> int:
@@ -59,11 +57,14 @@ def plan_buckets(floats: int, bucket_mb: float, at_least: int = 1) -> int:
 
 @dataclass(frozen=True)
 class FeatureSnapshot:
-    """Where a run's bucketed feature rows are, and how many buckets each side has."""
+    """Where a run's bucketed feature rows are, and how many buckets each side has. With `files`, the buckets
+    are the feature tables' own data files read in place ({side: one tuple of files per bucket}; rows not yet
+    filtered to the usable ones); without, the Parquet folders a writer made under `root`."""
 
     root: str
     query_buckets: int
     product_buckets: int
+    files: Mapping[str, tuple[tuple[str, ...], ...]] | None = None
 
     def buckets(self, side: str) -> int:
         return self.query_buckets if side == "queries" else self.product_buckets
@@ -116,6 +117,33 @@ def usable_mask(emb, width: int | None) -> np.ndarray:
     return ok & (bad[ends] - bad[ends - np.clip(lens, 0, None)] == 0)
 
 
+def usable_table(t, modalities: tuple[str, ...], dims: Mapping[str, int] | None):
+    """The rows of a pyarrow (id, modality, embedding) table a model can use: one of `modalities`, usable
+    embedding (`usable_mask`); grouped by modality in `modalities` order."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    parts = []
+    for m in modalities:
+        sub = t.filter(pc.equal(t.column("modality"), m))
+        parts.append(sub.filter(pa.array(usable_mask(sub.column("embedding").combine_chunks(), (dims or {}).get(m)))))
+    return pa.concat_tables(parts)
+
+
+def _read_files(paths, key: str):
+    """(id, modality, embedding) rows of some feature-table data files, as `COLUMNS` with float32 embeddings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("id", pa.string()), ("modality", pa.string()), ("embedding", pa.list_(pa.float32()))])
+    tables = []
+    for path in paths:
+        fs, p = storage.filesystem(path)
+        t = pq.read_table(p, columns=[key, "modality", "embedding"], filesystem=fs)
+        tables.append(t.select([key, "modality", "embedding"]).rename_columns(COLUMNS).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
 def _split_files(side: str, n: int, dims: Mapping[str, int] | None, root: str, files: list[str], groups: int):
     """mapInArrow function over `spark.range(groups)` (one row, one task per group): group g's files
     (`files[g::groups]`) -> their usable rows, one Parquet file per bucket (`part-<g>.parquet`); yields
@@ -124,37 +152,29 @@ def _split_files(side: str, n: int, dims: Mapping[str, int] | None, root: str, f
 
     def run(batches: Iterator) -> Iterator:
         import pyarrow as pa
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         writers: dict[tuple[int, int], pq.ParquetWriter] = {}
         counts: dict[int, int] = {}
-        schema = pa.schema([("id", pa.string()), ("modality", pa.string()), ("embedding", pa.list_(pa.float32()))])
         try:
             for b in batches:
                 for group in b.column("id").to_pylist():
                     for path in files[group::groups]:
-                        fs, p = storage.filesystem(path)
-                        t = pq.read_table(p, columns=[key, "modality", "embedding"], filesystem=fs)
-                        t = t.select([key, "modality", "embedding"]).rename_columns(COLUMNS).cast(schema)
-                        for m in modalities:
-                            sub = t.filter(pc.equal(t.column("modality"), m))
-                            sub = sub.filter(pa.array(usable_mask(sub.column("embedding").combine_chunks(),
-                                                                  (dims or {}).get(m))))
-                            if not sub.num_rows:
-                                continue
-                            bk = bucket_ids(sub.column("id").to_pylist(), n)
-                            for bucket in np.unique(bk):
-                                w = writers.get((group, int(bucket)))
-                                if w is None:
-                                    out_fs, folder = storage.filesystem(storage.join(root, side, f"bucket={bucket}"))
-                                    out_fs.makedirs(folder, exist_ok=True)
-                                    w = writers[(group, int(bucket))] = pq.ParquetWriter(
-                                        f"{folder}/part-{group:05d}.parquet", schema, filesystem=out_fs,
-                                        compression="none")
-                                part = sub.filter(pa.array(bk == bucket))
-                                w.write_table(part)
-                                counts[int(bucket)] = counts.get(int(bucket), 0) + part.num_rows
+                        sub = usable_table(_read_files([path], key), modalities, dims)
+                        if not sub.num_rows:
+                            continue
+                        bk = bucket_ids(sub.column("id").to_pylist(), n)
+                        for bucket in np.unique(bk):
+                            w = writers.get((group, int(bucket)))
+                            if w is None:
+                                out_fs, folder = storage.filesystem(storage.join(root, side, f"bucket={bucket}"))
+                                out_fs.makedirs(folder, exist_ok=True)
+                                w = writers[(group, int(bucket))] = pq.ParquetWriter(
+                                    f"{folder}/part-{group:05d}.parquet", sub.schema, filesystem=out_fs,
+                                    compression="none")
+                            part = sub.filter(pa.array(bk == bucket))
+                            w.write_table(part)
+                            counts[int(bucket)] = counts.get(int(bucket), 0) + part.num_rows
         finally:
             for w in writers.values():
                 w.close()
@@ -172,11 +192,45 @@ def _write_raw(lh, root: str, side: str, files: list[str], n: int, dims: Mapping
                                                     "bucket int, rows long").count())
 
 
+def stored_buckets(files: list[str]) -> list[int] | None:
+    """The `bucket` partition of each data file of a table stored in id buckets (`mmrank.tables`: its files
+    sit in `bucket=<b>/` folders), or None when some file is not in such a folder."""
+    out = []
+    for f in files:
+        m = _BUCKET_DIR.search(f)
+        if m is None:
+            return None
+        out.append(int(m.group(1)))
+    return out
+
+
+def group_count(floats: int, bucket_mb: float, at_least: int = 1) -> int:
+    """How many groups to read the FEATURE_BUCKETS stored buckets in: `plan_buckets` rounded up to a power of
+    two (a divisor of FEATURE_BUCKETS, so group g = the stored buckets b with b mod groups = g), at most
+    FEATURE_BUCKETS (then a group can hold more than `bucket_mb`)."""
+    want = plan_buckets(floats, bucket_mb, at_least)
+    if want > FEATURE_BUCKETS:
+        log.warning("features need %d buckets of %.3g MB; the tables have %d, so a task reads more than that",
+                    want, bucket_mb, FEATURE_BUCKETS)
+    return min(FEATURE_BUCKETS, 1 << max(0, want - 1).bit_length())
+
+
+def in_place(root: str, raw: Mapping[str, tuple[list[str], int]], stored: Mapping[str, list[int]],
+             bucket_mb: float, min_product_buckets: int = 1) -> FeatureSnapshot:
+    """The snapshot that reads the feature tables' own files, grouped by their stored buckets: nothing written."""
+    n = {"queries": group_count(raw["queries"][1] // 4, bucket_mb),
+         "products": group_count(raw["products"][1] // 4, bucket_mb, min_product_buckets)}
+    files = {side: tuple(tuple(f for f, b in zip(raw[side][0], stored[side]) if b % n[side] == g)
+                         for g in range(n[side])) for side in SIDES}
+    return FeatureSnapshot(root, n["queries"], n["products"], files)
+
+
 def snapshot_tables(lh, root: str, dims: Mapping[str, int] | None, bucket_mb: float,
                     min_product_buckets: int = 1) -> FeatureSnapshot:
-    """The snapshot of the lakehouse's `query_features` / `product_features` (usable rows for `dims`) in `root`
-    (whatever was there is replaced): from the raw files when both tables allow it, else with Spark
-    (`write_snapshot`)."""
+    """The snapshot of the lakehouse's `query_features` / `product_features` (usable rows for `dims`): the
+    tables' own files, read in place, when both can be read as plain Parquet and are stored in id buckets (the
+    layout `mmrank.tables` gives them); else written to `root` (whatever was there is replaced) from the raw
+    files when both tables allow it, else with Spark (`write_snapshot`)."""
     from mmrank.scoring.features import usable_rows
 
     storage.remove_tree(root)
@@ -184,6 +238,9 @@ def snapshot_tables(lh, root: str, dims: Mapping[str, int] | None, bucket_mb: fl
     if any(r is None for r in raw.values()):
         return write_snapshot(root, *(usable_rows(lh.read(TABLES[s]), *SIDES[s], dims) for s in TABLES),
                               bucket_mb, min_product_buckets)
+    stored = {side: stored_buckets(files) for side, (files, _) in raw.items()}
+    if all(b is not None for b in stored.values()):
+        return in_place(root, raw, stored, bucket_mb, min_product_buckets)
     snap = FeatureSnapshot(root, plan_buckets(raw["queries"][1] // 4, bucket_mb),
                            plan_buckets(raw["products"][1] // 4, bucket_mb, min_product_buckets))
     for side, (files, _) in raw.items():
@@ -199,13 +256,17 @@ def read_bucket(snap: FeatureSnapshot, side: str, bucket: int, dims: Mapping[str
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    _, modalities = SIDES[side]
-    fs, folder = storage.filesystem(snap.folder(side, bucket))
-    if not fs.isdir(folder):  # no id hashed into this bucket
+    key, modalities = SIDES[side]
+    if snap.files is not None:
+        paths = snap.files[side][bucket]
+        t = usable_table(_read_files(paths, key), modalities, dims) if paths else None
+    else:
+        fs, folder = storage.filesystem(snap.folder(side, bucket))
+        t = pq.read_table(folder, columns=COLUMNS, filesystem=fs) if fs.isdir(folder) else None
+    if t is None:  # no id hashed into this bucket
         return pd.Index([], dtype=object), {**{m: np.zeros((0, (dims or {}).get(m, 0)), np.float32)
                                                for m in modalities},
                                             "mask": np.zeros((0, len(modalities)), np.float32)}
-    t = pq.read_table(folder, columns=COLUMNS, filesystem=fs)
     ids = pd.Index(np.sort(pd.unique(t.column("id").to_numpy(zero_copy_only=False))))
     out: dict[str, np.ndarray] = {"mask": np.zeros((len(ids), len(modalities)), np.float32)}
     for i, m in enumerate(modalities):

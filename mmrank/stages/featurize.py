@@ -201,6 +201,8 @@ def run(lh: Lakehouse, run_date: dt.date, rec: StageRun) -> dict[str, int]:
     rec.model_version = ";".join(f"{m}={v}" for m, v in versions.items())
     rec.counts.update({f"{k}_{s}_{m}": 0 for k in ("attempted", "unchanged", "encoded")
                        for s, ms in MODALITIES.items() for m in ms})
+    for table, _ in FEATURE_TABLES.values():  # tables from before the id buckets get them (before any read)
+        lh.keep_layout(table)
     cands = {s: candidates(lh, s, versions) for s in FEATURE_TABLES}
     marked = None
     for s, (table, key) in FEATURE_TABLES.items():

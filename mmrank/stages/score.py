@@ -2,9 +2,9 @@
 
 Reader -> mapper -> writer (as in clip-retrieval): `scoring.candidates` (pairs from the configured sources, keys
 only) and `scoring.features` (which pairs have usable features; unusable embeddings quarantined, pairs without
-features counted and skipped) -> `scoring.lookup` (the run's usable features written once, bucketed by id; each
-task reads its query and product buckets, encodes each item once with the model (loaded once per worker) and
-scores its pairs from those codes) -> `scoring.writer` (rank per query, keep `score.top_n`), then one atomic
+features counted and skipped) -> `scoring.lookup` (the feature tables are stored in id buckets: each task reads
+its query and product buckets' files in place, keeps the usable rows, encodes each item once with the model
+(loaded once per worker) and scores its pairs from those codes) -> `scoring.writer` (rank per query, keep `score.top_n`), then one atomic
 `replace_date` of run_date's rows: readers see the old or the new complete day, never a mix. Pairs with some
 modalities missing are scored with masks, exactly as in training; a model trained with lexical features gets
 each pair's `p_lex` the same way the training lists got them (joined in Spark, travelling with the keys). The
