@@ -9,7 +9,7 @@ import pytest
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 
-from mmrank.scoring import candidates, features, scorer
+from mmrank.scoring import candidates, features, lookup, scorer
 from mmrank.scoring.snapshot import snapshot_tables, task_slots
 from mmrank.stages import score
 from mmrank.lakehouse import Lakehouse
@@ -154,6 +154,16 @@ def test_similarity_candidates_equal_brute_force(spark, tmp_path, bucket_mb):
         want = set(cand["product_id"].to_numpy()[np.argsort(-sims)[:4]])
         assert set(got[got["query_id"] == q["query_id"]]["product_id"]) == want
     assert len(got) == 4 * len(quers)
+
+
+def test_each_cell_gets_a_task_of_its_own(spark):
+    """Scoring tasks are cells (query bucket x product bucket): partition c holds exactly cell c's pairs, even
+    with few distinct cells and skewed sizes (a range repartition can merge cells, a hash one collides)."""
+    df = spark.range(5000).select((F.col("id") % 97 % 7 * 3).alias("_cell"), F.col("id"))  # cells 0, 3, .., 18
+    out = lookup.one_cell_per_partition(df, "_cell")
+    got = out.select(F.spark_partition_id().alias("pid"), "_cell").groupBy("pid", "_cell").count().toPandas()
+    assert out.rdd.getNumPartitions() == 7 and sorted(got["pid"]) == list(range(7))  # no empty task, no sharing
+    assert sorted(got["_cell"]) == list(range(0, 21, 3)) and got["count"].sum() == 5000
 
 
 def test_score_codes_equal_forward(one_torch_thread):

@@ -249,35 +249,61 @@ def snapshot_tables(lh, root: str, dims: Mapping[str, int] | None, bucket_mb: fl
     return snap
 
 
+def usable_matrices(t, modalities: tuple[str, ...], dims: Mapping[str, int] | None, where: str
+                    ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{modality: (ids [k], embeddings [k, width] float32)} of the usable rows of an (id, modality, embedding)
+    pyarrow table (the `usable_mask` rule: non-null, all values finite, `dims[m]` wide), gathered straight from
+    the Arrow buffers in one copy per modality (Arrow table filters would copy every embedding twice). Without
+    `dims` a modality's width is its embeddings' length, which must then be the same for all."""
+    import pyarrow.compute as pc
+
+    got: dict[str, tuple[list, list]] = {m: ([], []) for m in modalities}
+    for batch in t.to_batches():
+        emb = batch.column("embedding")
+        offsets = emb.offsets.to_numpy()  # into emb.values, slice offset included
+        values = emb.values.to_numpy(zero_copy_only=False)  # null values -> NaN
+        lens = np.diff(offsets)
+        valid = emb.is_valid().to_numpy(zero_copy_only=False)
+        ids = batch.column("id").to_numpy(zero_copy_only=False)
+        for m in modalities:
+            sel = np.flatnonzero(pc.fill_null(pc.equal(batch.column("modality"), m), False)
+                                 .to_numpy(zero_copy_only=False) & valid)
+            width = dims[m] if dims else (int(lens[sel[0]]) if len(sel) else None)
+            if width is None:
+                continue
+            if dims:
+                sel = sel[lens[sel] == width]
+            elif (lens[sel] != width).any() or any(g.shape[1] != width for g in got[m][1]):
+                raise ValueError(f"{where}: {m} embeddings are not all {width} wide")
+            mat = values[offsets[sel][:, None] + np.arange(width)]
+            ok = np.isfinite(mat).all(axis=1)
+            got[m][0].append(ids[sel[ok]])
+            got[m][1].append(mat[ok].astype(np.float32, copy=False))
+    return {m: (np.concatenate(i), np.concatenate(e)) for m, (i, e) in got.items() if i}
+
+
 def read_bucket(snap: FeatureSnapshot, side: str, bucket: int, dims: Mapping[str, int] | None = None
                 ) -> tuple[pd.Index, dict[str, np.ndarray]]:
-    """(ids sorted, {modality: [N, dim] float32 (zeros where absent), 'mask': [N, M]}) of one bucket of one side.
-    Without `dims` a modality's width is its embeddings' length (which must then be the same for all)."""
-    import pyarrow.compute as pc
+    """(ids sorted, {modality: [N, dim] float32 (zeros where absent), 'mask': [N, M]}) of one bucket of one side:
+    its usable rows (`usable_matrices`). Without `dims` a modality's width is its embeddings' length (which must
+    then be the same for all)."""
     import pyarrow.parquet as pq
 
     key, modalities = SIDES[side]
     if snap.files is not None:
         paths = snap.files[side][bucket]
-        t = usable_table(_read_files(paths, key), modalities, dims) if paths else None
+        t = _read_files(paths, key) if paths else None
     else:
         fs, folder = storage.filesystem(snap.folder(side, bucket))
         t = pq.read_table(folder, columns=COLUMNS, filesystem=fs) if fs.isdir(folder) else None
-    if t is None:  # no id hashed into this bucket
-        return pd.Index([], dtype=object), {**{m: np.zeros((0, (dims or {}).get(m, 0)), np.float32)
-                                               for m in modalities},
-                                            "mask": np.zeros((0, len(modalities)), np.float32)}
-    ids = pd.Index(np.sort(pd.unique(t.column("id").to_numpy(zero_copy_only=False))))
+    got = usable_matrices(t, modalities, dims, f"{side} bucket {bucket}") if t is not None else {}
+    ids = pd.Index(np.sort(pd.unique(np.concatenate([got[m][0] for m in got]))) if got else [], dtype=object)
     out: dict[str, np.ndarray] = {"mask": np.zeros((len(ids), len(modalities)), np.float32)}
     for i, m in enumerate(modalities):
-        sub = t.filter(pc.equal(t.column("modality"), m))
-        rows = ids.get_indexer(sub.column("id").to_numpy(zero_copy_only=False))
-        emb = sub.column("embedding").combine_chunks()
-        flat = emb.flatten().to_numpy(zero_copy_only=False)
-        width = dims[m] if dims else (int(emb.value_lengths()[0].as_py()) if len(emb) else 0)
-        if flat.size != len(rows) * width:
-            raise ValueError(f"{side} bucket {bucket}: {m} embeddings are not all {width} wide")
+        width = got[m][1].shape[1] if m in got else (dims or {}).get(m, 0)
         out[m] = np.zeros((len(ids), width), np.float32)
-        out[m][rows] = flat.reshape(len(rows), width)
-        out["mask"][rows, i] = 1.0
+        if m in got:
+            rows = ids.get_indexer(got[m][0])
+            out[m][rows] = got[m][1]
+            out["mask"][rows, i] = 1.0
     return ids, out
