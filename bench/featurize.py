@@ -6,12 +6,17 @@ and the cost of an incremental featurize night.
 
 Throughput: the same items (a synthetic catalog: template titles, 96 px noisy colour images, 1 s tone clips;
 or the lakehouse `products` when it has `--n` rows), the same encoder batches (features.<m>.batch_size), the
-same cores. Spark: local[T], 1 torch thread per task, `featurize.encode_frame` from a cached DataFrame of the
-items as the stage's `with_bytes` delivers them (T partitions of one modality) to the last embedding (`noop`
-sink); beside it, the same path with an encoder that computes nothing (the transfer alone). Direct, without
-Spark, the better of: 1 process x T torch threads, and T spawned processes x 1 thread each encoding its share
-side by side. Each path is warmed up first (models loaded in every Python worker and process: a small slice
-of every partition / share). With a GPU visible, the direct path is also measured on cuda.
+same cores. Spark: local[T], 1 torch thread per task; the items are written to a `products` Delta table (as
+the DataFrame's T partitions write it: T files), and the stage's own path runs from there: `with_bytes` (text
+in T partitions; images and clips as (file, split) references, one task per split, each reading its items'
+bytes from the table's Parquet files) cached, then `featurize.encode_frame` to the last embedding (`noop`
+sink); beside it, the same path with an encoder that computes nothing (the inputs reaching Python alone,
+media bytes read included). Direct, without Spark, the better of: 1 process x T torch threads, and T spawned
+processes x 1 thread each encoding its share side by side; once on the items already in memory (the model
+alone), once reading them first from the same table's Parquet files with pyarrow (what a direct job over the
+table does; the processes split the row groups). Each path is warmed up first (models loaded in every Python
+worker and process: a small slice of every partition / share). With a GPU visible, the direct path is also
+measured on cuda.
 
 Incremental (`--incremental N`, 0 = skip): a generated catalog of N products (+ N/10 queries) is ingested
 and featurized in full (timed), then 1% of the products get a new title and 1% a new image (MERGEd like an
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import os
 import subprocess
 import sys
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from pyspark.sql import functions as F  # noqa: E402
 
 from mmrank.config import FeaturesConf, load_config  # noqa: E402
 from mmrank.encoders.device import set_threads  # noqa: E402
@@ -86,6 +93,36 @@ def shard_work(arg: tuple) -> Callable[[], None]:
     return lambda: encode_all(enc, items)
 
 
+def read_inputs(files: list[str], column: str, share: tuple[int, int] = (0, 1)) -> list:
+    """One column of the `products` table's data files read with pyarrow (no Spark; the bench writes the table
+    once, so every data file is current): what a direct encoder must do first when its items live in a table.
+    `share` (k, of): the row groups k, k + of, ... of all files in order."""
+    import pyarrow.dataset as pads
+
+    from mmrank.media_files import arrow_filesystem
+
+    fmt = pads.ParquetFileFormat()
+    where = [arrow_filesystem(f) for f in files]
+    units = [(i, g) for i, (fs, p) in enumerate(where)
+             for g in range(fmt.make_fragment(p, filesystem=fs).metadata.num_row_groups)][share[0]::share[1]]
+    out: list = []
+    for i, (fs, p) in enumerate(where):
+        groups = [g for j, g in units if j == i]
+        if groups:
+            t = fmt.make_fragment(p, filesystem=fs, row_groups=groups).to_table(columns=[column], use_threads=False)
+            out += t.column(column).to_pylist()
+    return out
+
+
+def read_shard_work(arg: tuple) -> Callable[[], None]:
+    """Process setup for the direct encoder that reads the table, split over processes: one torch thread, the
+    encoder; the work reads this process's share of the row groups and encodes them."""
+    modality, cfg_json, files, column, k, of = arg
+    set_threads(1)
+    enc = get_encoder(modality, FeaturesConf.model_validate_json(cfg_json))
+    return lambda: encode_all(enc, read_inputs(files, column, (k, of)))
+
+
 def time_spark(df, cfg: FeaturesConf) -> float:
     from mmrank.stages.featurize import encode_frame
 
@@ -93,35 +130,65 @@ def time_spark(df, cfg: FeaturesConf) -> float:
 
 
 def _touch(batches):
-    """A mapInPandas function that takes each batch's items as the encoder would and computes nothing."""
+    """A mapInPandas function that takes each batch's items as the encoder would (media bytes read from their
+    files) and computes nothing."""
+    from mmrank.media_files import MediaReader
+    from mmrank.stages.featurize import encoder_inputs
+
+    media = MediaReader()
     for pdf in batches:
-        pdf["text"].tolist(), pdf["data"].tolist()
+        for (source, modality), part in pdf.groupby(["source", "modality"], sort=False):
+            encoder_inputs(part, source, modality, media)
         yield pdf.iloc[:0][["id"]]
 
 
 def time_transfer(df) -> float:
-    """The Spark path without the encoder: the items' JVM -> Python transfer alone (the path's own cost)."""
+    """The Spark path without the encoder: the items reaching Python alone (the path's own cost)."""
     return _timed(lambda: df.mapInPandas(_touch, "id string").write.format("noop").mode("overwrite").save())
 
 
-def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, threads: int, repeats: int,
+def stage_input(lh, modality: str, data: list, threads: int):
+    """The items as featurize delivers them to its encoders: written to the `products` table, then the stage's
+    `candidates` + `with_bytes` (cached)."""
+    from mmrank.encoders.registry import encoder_identity
+    from mmrank.stages.featurize import MEDIA_COLUMNS, candidates, with_bytes
+
+    media = MEDIA_COLUMNS.get(("products", modality))
+    pdf = pd.DataFrame({"product_id": [f"{i:07d}" for i in range(len(data))],
+                        "title": data if modality == "text" else "item"})
+    if media is not None:
+        pdf[media[0]] = data
+        pdf[media[1]] = [hashlib.sha256(b).hexdigest() for b in data]
+    df = lh.spark.createDataFrame(pdf).repartition(threads)
+    for f in lh.read("products").schema.fields:
+        if f.name not in df.columns:
+            df = df.withColumn(f.name, F.lit(None).cast(f.dataType))
+    lh.overwrite("products", df.withColumn("content_hash", F.col("product_id"))
+                 .withColumn("run_date", F.lit(RUN_DATE.isoformat()).cast("date")))
+    versions = {m: encoder_identity(m, lh.cfg.features).version for m in MODALITIES}
+    todo = candidates(lh, "products", versions).where(F.col("modality") == modality)
+    counts = {f"attempted_products_{modality}": len(data), f"unchanged_products_{modality}": 0}
+    out = with_bytes(lh, todo, counts, threads).cache()
+    out.count()
+    return out
+
+
+def throughput(lh, items: dict[str, list], source: str, cpu: FeaturesConf, threads: int, repeats: int,
                gpu_cfg: FeaturesConf | None, modalities: tuple[str, ...] = MODALITIES) -> list[str]:
+    from mmrank.stages.featurize import MEDIA_COLUMNS
     from mmrank.testing.timing import side_by_side
 
     rows = [f"Items: {source}, n={len(items[modalities[0]])} per modality; Spark local[{threads}] x 1 torch thread per "
             f"task vs direct (best of 1 process x {threads} torch threads and {threads} processes x 1 thread).",
             "", "| encoder | dim | batch | Spark items/s | direct 1 proc x T threads | direct T procs x 1 thread "
-            "| Spark / best direct | Spark transfer alone, items/s |", "|---|---|---|---|---|---|---|---|"]
+            "| Spark / best direct (items in memory) | direct 1 proc x T threads incl. reading the table "
+            "| direct T procs x 1 thread incl. reading the table | Spark / best direct incl. reading "
+            "| Spark inputs alone, items/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     gpu_rows = []
-    schema = "source string, id string, modality string, text string, data binary, content_hash string"
     for m in modalities:
         data = items[m]
         enc = get_encoder(m, cpu)
-        pdf = pd.DataFrame({"source": "products", "id": [str(i) for i in range(len(data))], "modality": m,
-                            "text": data if m == "text" else None, "data": None if m == "text" else data,
-                            "content_hash": "x"})
-        df = spark.createDataFrame(pdf, schema).repartition(threads).cache()
-        df.count()
+        df = stage_input(lh, m, data, threads)
         # warm-up: a slice of every partition, so every Python worker starts and loads its encoder
         time_spark(df.sample(fraction=min(1.0, 2 * enc.batch_size * threads / len(data)), seed=0), cpu)
         t_spark = min(time_spark(df, cpu) for _ in range(repeats))
@@ -133,10 +200,15 @@ def throughput(spark, items: dict[str, list], source: str, cpu: FeaturesConf, th
         cuts = np.linspace(0, len(data), threads + 1).astype(int)
         shards = [(m, cpu.model_dump_json(), data[a:b]) for a, b in zip(cuts, cuts[1:])]
         t_procs = min(side_by_side(shard_work, shards) for _ in range(repeats))
+        files, column = sorted(lh.read("products").inputFiles()), MEDIA_COLUMNS.get(("products", m), ("title",))[0]
+        t_read_threads = min(_timed(lambda: encode_all(enc, read_inputs(files, column))) for _ in range(repeats))
+        shares = [(m, cpu.model_dump_json(), files, column, k, threads) for k in range(threads)]
+        t_read_procs = min(side_by_side(read_shard_work, shares) for _ in range(repeats))
         n = len(data)
         rows.append(f"| {m}: {enc.name} ({enc.version}) | {enc.dim} | {enc.batch_size} | {n / t_spark:.1f} | "
                     f"{n / t_threads:.1f} | {n / t_procs:.1f} | {min(t_threads, t_procs) / t_spark:.2f}x | "
-                    f"{n / t_transfer:.0f} |")
+                    f"{n / t_read_threads:.1f} | {n / t_read_procs:.1f} | "
+                    f"{min(t_read_threads, t_read_procs) / t_spark:.2f}x | {n / t_transfer:.0f} |")
         print(rows[-1], flush=True)
         if gpu_cfg is not None:
             g = get_encoder(m, gpu_cfg)
@@ -226,7 +298,7 @@ def main() -> None:
             items, source = synthetic_items(args.n, modalities=modalities), "synthetic catalog"
         cpu = cfg.features.model_copy(update={"device": "cpu", "torch_threads": 1})
         gpu = cfg.features.model_copy(update={"device": "cuda"}) if torch.cuda.is_available() else None
-        out += throughput(spark, items, source, cpu, args.threads, args.repeats, gpu, modalities)
+        out += throughput(Lakehouse(spark, cfg), items, source, cpu, args.threads, args.repeats, gpu, modalities)
     if args.incremental:
         out += [""] + incremental(spark, args.incremental, [o for o in args.overrides if not o.startswith("storage.")],
                                   args.conf)

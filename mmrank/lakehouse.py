@@ -14,7 +14,7 @@ import datetime as dt
 import hashlib
 import logging
 import time
-from typing import Callable
+from typing import Callable, Collection
 
 from delta.exceptions import DeltaConcurrentModificationException
 from delta.tables import DeltaTable
@@ -157,6 +157,16 @@ class Lakehouse:
         blob = f"{name}|{sorted(c.name for c in df.schema.fields if c.name not in skip)}|{r['n']}|" + \
             "|".join(str(r[f"s{i}"] or 0) for i in range(4))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def parquet_readable(self, name: str, columns: Collection[str]) -> bool:
+        """Whether `columns` of the table's current data files can be read as plain Parquet (by pyarrow, in a
+        task): a Delta table without deletion vectors (its files would still hold deleted rows) or column mapping
+        (physical column names), the columns stored in the files (not partition values)."""
+        d = self.spark.sql(f"DESCRIBE DETAIL {self.ident(name)}").first()
+        props = d["properties"] or {}
+        return (d["format"] == "delta" and props.get("delta.enableDeletionVectors", "false").lower() != "true"
+                and props.get("delta.columnMapping.mode", "none") == "none"
+                and not set(d["partitionColumns"] or []) & set(columns))
 
     def version(self, name: str) -> int | None:
         if not self.exists(name):

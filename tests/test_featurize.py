@@ -127,26 +127,60 @@ def test_spark_path_matches_direct_encoder(flh):
     np.testing.assert_allclose(np.array([got[f"p{i}"] for i in range(6)]), want, atol=1e-4)
 
 
-@pytest.mark.parametrize("changed", [4, 1], ids=["most-changed-copartitioned", "few-changed-joined-then-spread"])
+def test_items_read_from_the_table_files_encode_as_direct(flh):
+    """A full night's images and clips, read by the encoder tasks from the products table's files (tasks
+    sharing a split when the splits are fewer than the task slots), embed exactly as the encoder does directly
+    on the same bytes."""
+    from mmrank.encoders.registry import get_encoder
+
+    lh, cfg = flh, flh.cfg.features
+    imgs = {f"p{i}": image_bytes((i * 40 % 255, 80, 200 - i * 20), seed=i) for i in range(6)}
+    wavs = {pid: wav_bytes(250 + 90 * i) for i, pid in enumerate(imgs)}
+    products(lh, [product(pid, f"item {pid}", imgs[pid], wavs[pid]) for pid in imgs])
+    counts = {"attempted_products_image": 6, "unchanged_products_image": 0, "attempted_products_audio": 6,
+              "unchanged_products_audio": 0}
+    cands = featurize.candidates(lh, "products", {"text": "t", "image": "i", "audio": "a"})
+    todo = featurize.with_bytes(lh, cands.where(F.col("modality") != "text"), counts, 4)
+    assert todo.where(F.col("media_file").isNull()).count() == 0  # nothing joined with its bytes
+    got = {(r["modality"], r["id"]): r["embedding"] for r in featurize.encode_frame(todo, cfg).collect()}
+    for m, items in (("image", imgs), ("audio", wavs)):
+        want = get_encoder(m, cfg).encode(list(items.values()))
+        np.testing.assert_allclose(np.array([got[m, pid] for pid in items]), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("changed", [4, 1], ids=["most-changed-read-by-split", "few-changed-joined-then-spread"])
 def test_with_bytes_delivers_each_modality_in_partitions_of_its_own(flh, changed):
-    """Both join paths give every (source, modality) its own `n_parts` partitions (the encoders get full
-    batches without a second shuffle or sort) and join each item with its own bytes."""
+    """Every partition holds one (source, modality): when most of a modality changed, one partition per split of
+    the products' files (or per share of a split, when the splits are fewer than `n_parts`), rows carrying
+    (file, split) references from which the task reads each item's own bytes (no bytes through Spark); when few
+    did, `n_parts` partitions of rows joined with their bytes."""
+    from mmrank.media_files import REF_COLUMNS, MediaReader
+
     lh = flh
     imgs = {f"p{i}": image_bytes((40 * i, 90, 30), seed=i) for i in range(4)}
-    products(lh, [product(pid, f"item {pid}", img, wav_bytes(300 + 100 * i)) for i, (pid, img) in
-                  enumerate(imgs.items())])
+    rows = [product(pid, f"item {pid}", img, wav_bytes(300 + 100 * i)) for i, (pid, img) in enumerate(imgs.items())]
+    products(lh, rows[:2])
+    products(lh, rows[2:])  # more files: several splits
     counts = {f"{k}_products_{m}": 0 for k in ("attempted", "unchanged") for m in ("text", "image", "audio")}
     counts.update({"attempted_products_image": changed, "unchanged_products_image": 4 - changed,
                    "attempted_products_audio": changed, "unchanged_products_audio": 4 - changed})
     cands = featurize.candidates(lh, "products", {"text": "t", "image": "i", "audio": "a"})
     todo = cands.where((F.col("modality") == "text") | F.col("id").isin(*list(imgs)[:changed]))
     got = featurize.with_bytes(lh, todo, counts, 3).withColumn("pid", F.spark_partition_id())
-    rows = got.select("pid", "source", "modality", "id", "data").collect()
-    per_part = {}
-    for r in rows:
-        per_part.setdefault(r["pid"], set()).add((r["source"], r["modality"]))
-    assert all(len(v) == 1 for v in per_part.values()), per_part
-    assert got.rdd.getNumPartitions() == 3 * 3  # text, image, audio: 3 partitions each
-    assert {r["id"]: r["data"] for r in rows if r["modality"] == "image"} == dict(list(imgs.items())[:changed])
-    assert sorted(r["id"] for r in rows if r["modality"] == "audio") == list(imgs)[:changed]
-    assert sorted(r["id"] for r in rows if r["modality"] == "text") == list(imgs)
+    rows = got.select("pid", "source", "modality", "id", "data", *REF_COLUMNS).toPandas()
+    per_part = rows.groupby("pid").apply(lambda g: len(g.drop_duplicates(["source", "modality", *REF_COLUMNS])))
+    assert (per_part == 1).all(), per_part
+    media = rows[rows["modality"] != "text"]
+    if changed == 4:
+        assert media["data"].isna().all() and media["media_file"].notna().all()
+        splits = media.drop_duplicates(["modality", "media_file", "media_start"])
+        assert splits["media_file"].nunique() >= 2 and media["pid"].nunique() >= len(splits)
+        assert rows["pid"].nunique() == got.rdd.getNumPartitions()  # no empty task
+        image = media[media["modality"] == "image"]
+        fetched = dict(zip(image["id"], MediaReader().fetch(image, "product_id", "image_bytes")))
+    else:
+        assert media["media_file"].isna().all() and got.rdd.getNumPartitions() == 3 * 3
+        fetched = dict(zip(media["id"][media["modality"] == "image"], media["data"][media["modality"] == "image"]))
+    assert {k: bytes(v) for k, v in fetched.items()} == dict(list(imgs.items())[:changed])
+    assert sorted(media["id"][media["modality"] == "audio"]) == list(imgs)[:changed]
+    assert sorted(rows["id"][rows["modality"] == "text"]) == list(imgs)

@@ -9,10 +9,11 @@ import pytest
 from pyspark.sql import Row
 from pyspark.sql import functions as F
 
-from mmrank.scoring import candidates, features, lookup, scorer
+from mmrank.scoring import candidates, features, scorer
 from mmrank.scoring.snapshot import snapshot_tables, task_slots
 from mmrank.stages import score
 from mmrank.lakehouse import Lakehouse
+from mmrank.partitions import one_partition_per_value
 from tests.conftest import make_config
 
 D1, D2, D3 = dt.date(2026, 11, 20), dt.date(2026, 11, 21), dt.date(2026, 11, 22)
@@ -156,14 +157,20 @@ def test_similarity_candidates_equal_brute_force(spark, tmp_path, bucket_mb):
     assert len(got) == 4 * len(quers)
 
 
-def test_each_cell_gets_a_task_of_its_own(spark):
-    """Scoring tasks are cells (query bucket x product bucket): partition c holds exactly cell c's pairs, even
-    with few distinct cells and skewed sizes (a range repartition can merge cells, a hash one collides)."""
-    df = spark.range(5000).select((F.col("id") % 97 % 7 * 3).alias("_cell"), F.col("id"))  # cells 0, 3, .., 18
-    out = lookup.one_cell_per_partition(df, "_cell")
+@pytest.mark.parametrize("as_text", [False, True], ids=["cell-numbers", "split-names"])
+def test_each_cell_gets_a_task_of_its_own(spark, as_text):
+    """Scoring tasks are cells (query bucket x product bucket), featurize's media tasks are file splits:
+    partition c holds exactly value c's rows, even with few distinct values and skewed sizes (a range
+    repartition can merge values, a hash one collides)."""
+    cell = F.col("id") % 97 % 7 * 3  # cells 0, 3, .., 18
+    df = spark.range(5000).select((F.format_string("file:/t/part-%d.parquet|0", cell) if as_text else cell)
+                                  .alias("_cell"), F.col("id"))
+    out = one_partition_per_value(df, "_cell")
     got = out.select(F.spark_partition_id().alias("pid"), "_cell").groupBy("pid", "_cell").count().toPandas()
     assert out.rdd.getNumPartitions() == 7 and sorted(got["pid"]) == list(range(7))  # no empty task, no sharing
-    assert sorted(got["_cell"]) == list(range(0, 21, 3)) and got["count"].sum() == 5000
+    want = list(range(0, 21, 3))
+    assert sorted(got["_cell"]) == (sorted(f"file:/t/part-{c}.parquet|0" for c in want) if as_text else want)
+    assert got["count"].sum() == 5000
 
 
 def test_score_codes_equal_forward(one_torch_thread):

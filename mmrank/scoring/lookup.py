@@ -9,7 +9,8 @@ pair and shipping them JVM -> Arrow -> Python cost more than the model itself. I
    for tables that cannot be read that way, a snapshot written under the run's work folder; see
    `mmrank.scoring.snapshot`.
 2. `score_by_key`: the pairs get their cell (query bucket, product bucket), are partitioned exactly one cell per
-   task (`one_cell_per_partition`) and sorted by key (deterministic batches, so int8 re-runs are bit-identical); the task (`mapInArrow`)
+   task (`partitions.one_partition_per_value`) and sorted by key (deterministic batches, so int8 re-runs are
+   bit-identical); the task (`mapInArrow`)
    reads its two buckets with pyarrow, encodes them with `FusionRanker.encode_queries` / `encode_products` and
    scores each pair from those codes (`score_codes`), `score.batch_size` pairs at a time.
 
@@ -28,6 +29,7 @@ from pyspark.sql import functions as F
 from mmrank.encoders.device import set_threads, task_threads
 from mmrank.lexical import N_LEX
 from mmrank.modalities import PRODUCT_MODALITIES
+from mmrank.partitions import one_partition_per_value
 from mmrank.scoring.snapshot import SIDES, FeatureSnapshot, bucket_of, read_bucket
 
 SCORED_SCHEMA = ("query_id string, product_id string, score float, contrib_text float, contrib_image float, "
@@ -130,27 +132,6 @@ def make_key_scorer(artifacts_dir: str, version: str, quantize: bool, batch_size
     return run
 
 
-def one_cell_per_partition(df: DataFrame, col: str) -> DataFrame:
-    """`df` with one partition per distinct value of `col` (a cell number), holding exactly that cell's rows.
-    A range repartition can put two cells in one task (which then reads two product buckets while another task
-    idles) and a hash repartition of the cells collides. Instead the present cells are listed (one pass, as a
-    range repartition's sampling; as many rows reach the driver as cells, not pairs) and each gets a surrogate
-    key that Spark's hash partitioning (pmod(murmur3(key), n)) sends to a partition of its own, found with one
-    small job over integers."""
-    spark = df.sparkSession
-    cells = sorted(int(r[0]) for r in df.select(col).distinct().collect())
-    n, found, lo = max(1, len(cells)), {}, 0
-    while len(found) < n:
-        ids = spark.range(lo, lo + 64 * n).select("id", F.pmod(F.hash("id"), F.lit(n)).alias("p"))
-        for p, k in ids.groupBy("p").agg(F.min("id")).collect():
-            found.setdefault(int(p), int(k))
-        lo += 64 * n
-    if not cells:
-        return df.repartition(1)
-    key = F.create_map(*[F.lit(x) for i, c in enumerate(cells) for x in (c, found[i])])[F.col(col)].cast("long")
-    return df.withColumn("_part", key).repartition(n, "_part").drop("_part")
-
-
 def score_by_key(pairs: DataFrame, snap: FeatureSnapshot, artifacts_dir: str, version: str, quantize: bool,
                  batch_size: int, lex_col: str | None = None) -> DataFrame:
     """Score (query_id, product_id) pairs whose features are in `snap` (see the module doc). `lex_col`: an
@@ -161,7 +142,7 @@ def score_by_key(pairs: DataFrame, snap: FeatureSnapshot, artifacts_dir: str, ve
     cells = (pairs.select("query_id", "product_id", *extra, bucket_of("query_id", nq).alias("qb"),
                           bucket_of("product_id", npb).alias("pb"))
              .withColumn("_cell", F.col("qb") * F.lit(npb) + F.col("pb")))
-    ordered = (one_cell_per_partition(cells, "_cell")
+    ordered = (one_partition_per_value(cells, "_cell")
                .sortWithinPartitions("_cell", "query_id", "product_id").drop("_cell"))
     return ordered.mapInArrow(make_key_scorer(artifacts_dir, version, quantize, batch_size, snap, lex_col),
                               SCORED_SCHEMA)

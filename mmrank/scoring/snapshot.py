@@ -92,15 +92,12 @@ def write_snapshot(root: str, queries: DataFrame, products: DataFrame, bucket_mb
 
 # ---- the raw-file writer --------------------------------------------------------------------------------
 def raw_files(lh, table: str) -> tuple[list[str], int] | None:
-    """(data files, bytes) of a feature table when they can be read as plain Parquet: a Delta table without
-    deletion vectors (whose files would still hold deleted rows) or column mapping (physical column names);
-    None otherwise. File names only reach the driver (they grow with the files, not the rows)."""
-    d = lh.spark.sql(f"DESCRIBE DETAIL {lh.ident(table)}").first()
-    props = d["properties"] or {}
-    if (d["format"] != "delta" or props.get("delta.enableDeletionVectors", "false").lower() == "true"
-            or props.get("delta.columnMapping.mode", "none") != "none"
-            or set(d["partitionColumns"] or []) & ({key for key, _ in SIDES.values()} | {"modality", "embedding"})):
+    """(data files, bytes) of a feature table when they can be read as plain Parquet
+    (`Lakehouse.parquet_readable`); None otherwise. File names only reach the driver (they grow with the files,
+    not the rows)."""
+    if not lh.parquet_readable(table, ({key for key, _ in SIDES.values()} | {"modality", "embedding"})):
         return None
+    d = lh.spark.sql(f"DESCRIBE DETAIL {lh.ident(table)}").first()
     return sorted(lh.read(table).inputFiles()), int(d["sizeInBytes"] or 0)
 
 

@@ -9,9 +9,10 @@ Inputs per (table, modality) (a null input = no row for that modality, not an er
 Each feature row's `content_hash` = sha256(encoder version | sha256(that modality's input)), so a new title
 re-encodes the text only, and a new encoder version re-encodes that modality only. The sha256 of media bytes
 was stored at ingest (`image_hash`, `audio_hash`), so deciding what changed reads ids and hashes only; only the
-items to encode are joined with their bytes. Rows whose hash is already in the feature table are skipped; the
-rest go through one `mapInPandas` (encoders loaded once per Python worker, Arrow batches split into
-`batch_size` model batches, torch threads = cores per Spark task). Items the encoder rejects (corrupt image,
+items to encode get their bytes: on a full night the encoder tasks read them from the source table's Parquet
+files themselves (`with_bytes`, `mmrank.media_files`), else they are joined in Spark. Rows whose hash is
+already in the feature table are skipped; the rest go through one `mapInArrow` (encoders loaded once per
+Python worker, Arrow batches split into `batch_size` model batches, torch threads = cores per Spark task). Items the encoder rejects (corrupt image,
 empty/unreadable audio, empty/over-long text) become quarantine rows for (run_date, featurize); feature rows of
 products/queries or modalities that disappeared, or whose new content failed to encode, are deleted by the same
 MERGE, whose source is the new embeddings plus the keys to delete (never the unchanged rows).
@@ -23,6 +24,7 @@ import logging
 from functools import reduce
 from typing import Callable, Iterator
 
+import numpy as np
 import pandas as pd
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
@@ -32,7 +34,9 @@ from mmrank.config import FeaturesConf
 from mmrank.encoders.device import set_threads, task_threads
 from mmrank.encoders.registry import encoder_identity, get_encoder
 from mmrank.lakehouse import Lakehouse, sql_date
+from mmrank.media_files import REF_COLUMNS, MediaReader, split_of, with_refs
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
+from mmrank.partitions import one_partition_per_value
 from mmrank.runs import StageRun
 from mmrank.stages import stage
 
@@ -41,8 +45,12 @@ log = logging.getLogger("mmrank.featurize")
 STAGE = "featurize"
 FEATURE_TABLES = {"products": ("product_features", "product_id"), "queries": ("query_features", "query_id")}
 MODALITIES = {"products": PRODUCT_MODALITIES, "queries": QUERY_MODALITIES}
+MEDIA_COLUMNS = {  # (source, modality) -> (bytes column, its sha256 stored at ingest)
+    ("products", "image"): ("image_bytes", "image_hash"), ("products", "audio"): ("audio_bytes", "audio_hash"),
+    ("queries", "audio"): ("query_audio", "audio_hash")}
 ENCODE_SCHEMA = ("source string, id string, modality string, content_hash string, "
                  "embedding array<float>, error string, payload string")
+ENCODE_COLUMNS = ["source", "id", "modality", "content_hash", "embedding", "error", "payload"]
 PAYLOAD_CHARS = 200
 
 
@@ -57,13 +65,12 @@ def product_text(cfg: FeaturesConf) -> Column:
 
 def _inputs(source: str, modality: str, cfg: FeaturesConf) -> tuple[Column | None, str | None, str | None]:
     """(text input column, bytes column name, hash column name) of one (source table, modality)."""
+    if modality != "text":
+        return (None, *MEDIA_COLUMNS[source, modality])
     if source == "products":
-        return {"text": (product_text(cfg), None, None), "image": (None, "image_bytes", "image_hash"),
-                "audio": (None, "audio_bytes", "audio_hash")}[modality]
-    if modality == "text":
-        typed = (F.col("kind") == "typed") | _nonblank("query_text").isNotNull()
-        return F.when(F.col("query_text").isNotNull() & typed, F.col("query_text")), None, None
-    return None, "query_audio", "audio_hash"
+        return product_text(cfg), None, None
+    typed = (F.col("kind") == "typed") | _nonblank("query_text").isNotNull()
+    return F.when(F.col("query_text").isNotNull() & typed, F.col("query_text")), None, None
 
 
 def _hash_of(df: DataFrame, data: str, hash_col: str) -> Column:
@@ -90,63 +97,113 @@ def candidates(lh: Lakehouse, source: str, versions: dict[str, str]) -> DataFram
 
 
 def with_bytes(lh: Lakehouse, todo: DataFrame, counts: dict[str, int], n_parts: int) -> DataFrame:
-    """`todo` (source, id, modality, text, content_hash) plus `data`: the media bytes of its image/audio items,
-    joined by key from the source tables (only the rows to encode carry bytes from here on).
+    """`todo` (source, id, modality, text, content_hash) plus what the encoders need of its image/audio items:
+    where their bytes are (REF_COLUMNS, read by the encoder task itself, `mmrank.media_files`) or the bytes
+    (`data`), joined by key from the source tables.
 
-    Delivered ready for the encoders: each (source, modality) spread over `n_parts` partitions of its own, so
-    bytes cross the network once. When at least half of a media modality is to be encoded (a first night, a
-    new encoder), both sides are hash-partitioned by id into `n_parts` and joined in place (one shuffle of the
-    media); otherwise the few rows to encode are joined (a broadcast of their keys where Spark finds them
-    small) and only they are spread.
+    Delivered ready for the encoders, each partition one (source, modality). When at least half of a media
+    modality is to be encoded (a first night, a new encoder) and its table's files can be read as plain
+    Parquet, its rows get their (file, split) references and one partition per split: the bytes are read once,
+    by the task that encodes them, and never cross the JVM (with fewer splits than `n_parts`, a small table,
+    each split's items are shared by several tasks, each reading the split). Otherwise the bytes are joined in Spark: both
+    sides hash-partitioned by id into `n_parts` and joined in place (one shuffle of the media) when at least
+    half is encoded; else the few rows to encode are joined (a broadcast of their keys where Spark finds them
+    small) and only they are spread over `n_parts`.
     """
     cfg = lh.cfg.features
-    cols = ["source", "id", "modality", "text", "data", "content_hash"]
-    parts = [todo.where(F.col("modality") == "text").withColumn("data", F.lit(None).cast("binary"))
-             .select(*cols).repartition(n_parts)]
+    cols = ["source", "id", "modality", "text", "data", "content_hash", *REF_COLUMNS]
+    no_refs = [F.lit(None).cast(t).alias(c) for c, t in zip(REF_COLUMNS, ("string", "long", "long"))]
+    parts = [todo.where(F.col("modality") == "text").select(
+        *todo.columns, F.lit(None).cast("binary").alias("data"), *no_refs).select(*cols).repartition(n_parts)]
+    by_split = []
     for source, (_, key) in FEATURE_TABLES.items():
         for m in MODALITIES[source]:
             _, data, _ = _inputs(source, m, cfg)
-            if data is None:
-                continue
             n = counts.get(f"attempted_{source}_{m}", 0)
-            if n == 0:
+            if data is None or n == 0:
                 continue
             keys = todo.where((F.col("source") == source) & (F.col("modality") == m))
+            most = n >= counts.get(f"unchanged_{source}_{m}", 0)
+            if most and lh.parquet_readable(source, (key, data)):
+                by_split.append(with_refs(keys, lh.read(source), key)
+                                .withColumn("data", F.lit(None).cast("binary")).select(*cols))
+                continue
             media = lh.read(source).select(F.col(key).alias("id"), F.col(data).alias("data"))
-            if n >= counts.get(f"unchanged_{source}_{m}", 0):
+            if most:
                 part = keys.repartition(n_parts, "id").join(media.repartition(n_parts, "id"), "id")
             else:
                 part = keys.join(media, "id").repartition(n_parts)
-            parts.append(part.select(*cols))
+            parts.append(part.select(*cols[:6], *no_refs))
+    if by_split:
+        refs = reduce(DataFrame.unionByName, by_split)
+        kind = F.concat_ws("|", "source", "modality")
+        refs = refs.withColumn("_task", F.concat_ws("|", kind, split_of(refs)))
+        shares = {k: -(-n_parts // n) for k, n in refs.groupBy(kind).agg(F.countDistinct("_task")).collect()}
+        if max(shares.values()) > 1:  # fewer splits than n_parts (a small table): tasks share a split's items
+            share = F.create_map(*[F.lit(x) for kv in shares.items() for x in kv])[kind]
+            refs = refs.withColumn("_task", F.concat_ws("#", "_task", F.pmod(F.hash("id"), share)))
+        parts.append(one_partition_per_value(refs, "_task").drop("_task"))
     return reduce(DataFrame.unionByName, parts)
 
 
-def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]:
-    """The `mapInPandas` function: (source, id, modality, text, data, content_hash) -> ENCODE_SCHEMA rows.
+def encoder_inputs(part: pd.DataFrame, source: str, modality: str, media: MediaReader) -> list:
+    """The encoder inputs of one (source, modality) batch: texts, bytes, or bytes read from their files."""
+    if modality == "text":
+        return part["text"].tolist()
+    items = part["data"].tolist()
+    if "media_file" in part.columns:
+        refs = part["media_file"].notna().to_numpy()
+        if refs.any():
+            fetched = iter(media.fetch(part[refs], FEATURE_TABLES[source][1], MEDIA_COLUMNS[source, modality][0]))
+            items = [next(fetched) if r else x for x, r in zip(items, refs)]
+    return items
+
+
+def encoded_batch(source: str, modality: str, part: pd.DataFrame, vecs: list, errors: list, items: list):
+    """One pyarrow RecordBatch of ENCODE_SCHEMA rows; the embeddings go in as one float32 buffer (no per-row
+    conversion of arrays, which cost ~30 us a row through pandas)."""
+    import pyarrow as pa
+
+    ok = np.array([v is not None for v in vecs], bool)
+    sizes = np.array([len(v) if v is not None else 0 for v in vecs], np.int32)
+    flat = np.concatenate([v for v in vecs if v is not None]).astype(np.float32, copy=False) if ok.any() \
+        else np.zeros(0, np.float32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(sizes)]).astype(np.int32))
+    embedding = pa.ListArray.from_arrays(offsets, pa.array(flat), mask=pa.array(~ok))
+    n = len(part)
+    return pa.RecordBatch.from_arrays([
+        pa.array([source] * n, pa.string()), pa.array(part["id"].tolist(), pa.string()),
+        pa.array([modality] * n, pa.string()), pa.array(part["content_hash"].tolist(), pa.string()), embedding,
+        pa.array(errors, pa.string()),
+        pa.array([None if e is None else _payload(x) for x, e in zip(items, errors)], pa.string())],
+        names=ENCODE_COLUMNS)
+
+
+def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator], Iterator]:
+    """The `mapInArrow` function: (source, id, modality, text, data, content_hash[, REF_COLUMNS]) ->
+    ENCODE_SCHEMA rows (an item with references is read from its file here, `mmrank.media_files`).
 
     Runs in Spark Python workers: encoders come from the per-process cache (loaded once per worker).
     """
-    def _run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def _run(batches: Iterator) -> Iterator:
         set_threads(task_threads(cfg.torch_threads))
-        for pdf in batches:
-            for modality, part in pdf.groupby("modality", sort=False):
-                enc = get_encoder(modality, cfg)
-                items = part["text" if modality == "text" else "data"].tolist()
-                vecs, errors = enc.encode_safe(items)
-                yield pd.DataFrame({
-                    "source": part["source"].to_numpy(), "id": part["id"].to_numpy(), "modality": modality,
-                    "content_hash": part["content_hash"].to_numpy(), "embedding": vecs, "error": errors,
-                    "payload": [None if e is None else _payload(x) for x, e in zip(items, errors)]})
+        media = MediaReader()
+        for batch in batches:
+            pdf = batch.to_pandas()
+            for (source, modality), part in pdf.groupby(["source", "modality"], sort=False):
+                items = encoder_inputs(part, source, modality, media)
+                vecs, errors = get_encoder(modality, cfg).encode_safe(items)
+                yield encoded_batch(source, modality, part, vecs, errors, items)
     return _run
 
 
 def encode_frame(df: DataFrame, cfg: FeaturesConf, n_partitions: int | None = None) -> DataFrame:
-    """Encode (source, id, modality, text, data, content_hash) rows through mapInPandas (the Spark
+    """Encode (source, id, modality, text, data, content_hash) rows through mapInArrow (the Spark
     batch-inference path). With `n_partitions`, the rows are first spread over that many partitions, sorted by
     modality; without, they are encoded as partitioned (`with_bytes` delivers one modality per partition)."""
     if n_partitions is not None:
         df = df.repartition(max(1, n_partitions)).sortWithinPartitions("modality")
-    return df.mapInPandas(encode_batches(cfg), ENCODE_SCHEMA)
+    return df.mapInArrow(encode_batches(cfg), ENCODE_SCHEMA)
 
 
 def _payload(item: str | bytes | None) -> str:
