@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 import pandas as pd
 from pyspark.sql import DataFrame
@@ -96,7 +97,7 @@ class MediaReader:
         import pyarrow.dataset as ds
 
         path, start, length, key, data = split
-        fmt, (fs, p) = ds.ParquetFileFormat(), arrow_filesystem(path)
+        fmt, (fs, p) = ds.ParquetFileFormat(), arrow_filesystem(unquote(path))  # _metadata.file_path is URL-encoded
         meta = fmt.make_fragment(p, filesystem=fs).metadata
         groups = split_row_groups(meta, start, length)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,7 @@ def media_table(spark, tmp_path_factory):
     read in splits of 256 KB."""
     rng = np.random.default_rng(0)
     blobs = {f"k{i:03d}": rng.bytes(8192) for i in range(N)}
-    path = str(tmp_path_factory.mktemp("media") / "t")
+    path = str(tmp_path_factory.mktemp("media") / "my media %20" / "t")  # Spark URL-encodes _metadata.file_path
     df = spark.createDataFrame(pd.DataFrame({"key": list(blobs), "blob": list(blobs.values())}),
                                "key string, blob binary").repartition(2)
     with small_splits(spark, 64 * 1024, 256 * 1024):
@@ -60,10 +61,11 @@ def test_every_key_is_read_from_the_split_spark_gave_it(media_table, caplog):
     splits = refs.drop_duplicates(list(REF_COLUMNS))
     assert len(splits) >= 6  # several splits per file
     for path, per_file in splits.groupby("media_file"):
-        fs, p = storage.filesystem(path)
+        fs, p = storage.filesystem(unquote(path))
         with fs.open(p, "rb") as fh:
             meta = pq.ParquetFile(fh).metadata
-        groups = [g for _, s in per_file.iterrows() for g in split_row_groups(meta, s["media_start"], s["media_length"])]
+        groups = [g for _, s in per_file.iterrows()
+                  for g in split_row_groups(meta, s["media_start"], s["media_length"])]
         assert meta.num_row_groups >= 6 and sorted(groups) == list(range(meta.num_row_groups))
     reader = MediaReader()
     with caplog.at_level(logging.WARNING, logger="mmrank.media"):

@@ -12,7 +12,8 @@ was stored at ingest (`image_hash`, `audio_hash`), so deciding what changed read
 items to encode get their bytes: on a full night the encoder tasks read them from the source table's Parquet
 files themselves (`with_bytes`, `mmrank.media_files`), else they are joined in Spark. Rows whose hash is
 already in the feature table are skipped; the rest go through one `mapInArrow` (encoders loaded once per
-Python worker, Arrow batches split into `batch_size` model batches, torch threads = cores per Spark task). Items the encoder rejects (corrupt image,
+Python worker, Arrow batches split into `batch_size` model batches, torch threads = cores per Spark task).
+Items the encoder rejects (corrupt image,
 empty/unreadable audio, empty/over-long text) become quarantine rows for (run_date, featurize); feature rows of
 products/queries or modalities that disappeared, or whose new content failed to encode, are deleted by the same
 MERGE, whose source is the new embeddings plus the keys to delete (never the unchanged rows).
@@ -105,10 +106,10 @@ def with_bytes(lh: Lakehouse, todo: DataFrame, counts: dict[str, int], n_parts: 
     modality is to be encoded (a first night, a new encoder) and its table's files can be read as plain
     Parquet, its rows get their (file, split) references and one partition per split: the bytes are read once,
     by the task that encodes them, and never cross the JVM (with fewer splits than `n_parts`, a small table,
-    each split's items are shared by several tasks, each reading the split). Otherwise the bytes are joined in Spark: both
-    sides hash-partitioned by id into `n_parts` and joined in place (one shuffle of the media) when at least
-    half is encoded; else the few rows to encode are joined (a broadcast of their keys where Spark finds them
-    small) and only they are spread over `n_parts`.
+    each split's items are shared by several tasks, each reading the split). Otherwise the bytes are joined in
+    Spark: both sides hash-partitioned by id into `n_parts` and joined in place (one shuffle of the media) when
+    at least half is encoded; else the few rows to encode are joined (a broadcast of their keys where Spark
+    finds them small) and only they are spread over `n_parts`.
     """
     cfg = lh.cfg.features
     cols = ["source", "id", "modality", "text", "data", "content_hash", *REF_COLUMNS]
