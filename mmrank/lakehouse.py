@@ -18,7 +18,7 @@ from typing import Callable, Collection
 
 from delta.exceptions import DeltaConcurrentModificationException
 from delta.tables import DeltaTable
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from mmrank.buckets import BUCKET_COLUMN, FEATURE_BUCKETS, bucket_of
@@ -158,15 +158,17 @@ class Lakehouse:
             "|".join(str(r[f"s{i}"] or 0) for i in range(4))
         return hashlib.sha256(blob.encode()).hexdigest()
 
-    def parquet_readable(self, name: str, columns: Collection[str]) -> bool:
-        """Whether `columns` of the table's current data files can be read as plain Parquet (by pyarrow, in a
-        task): a Delta table without deletion vectors (its files would still hold deleted rows) or column mapping
-        (physical column names), the columns stored in the files (not partition values)."""
+    def parquet_readable(self, name: str, columns: Collection[str]) -> Row | None:
+        """The table's `DESCRIBE DETAIL` row when `columns` of its current data files can be read as plain
+        Parquet (by pyarrow, in a task): a Delta table without deletion vectors (its files would still hold
+        deleted rows) or column mapping (physical column names), the columns stored in the files (not partition
+        values); None otherwise."""
         d = self.spark.sql(f"DESCRIBE DETAIL {self.ident(name)}").first()
         props = d["properties"] or {}
-        return (d["format"] == "delta" and props.get("delta.enableDeletionVectors", "false").lower() != "true"
-                and props.get("delta.columnMapping.mode", "none") == "none"
-                and not set(d["partitionColumns"] or []) & set(columns))
+        ok = (d["format"] == "delta" and props.get("delta.enableDeletionVectors", "false").lower() != "true"
+              and props.get("delta.columnMapping.mode", "none") == "none"
+              and not set(d["partitionColumns"] or []) & set(columns))
+        return d if ok else None
 
     def version(self, name: str) -> int | None:
         if not self.exists(name):

@@ -32,7 +32,6 @@ from mmrank import storage
 log = logging.getLogger("mmrank.media")
 
 REF_COLUMNS = ("media_file", "media_start", "media_length")
-REF_SCHEMA = "media_file string, media_start long, media_length long"
 
 
 def with_refs(keys: DataFrame, table: DataFrame, key: str) -> DataFrame:
@@ -105,10 +104,11 @@ class MediaReader:
             return fmt.make_fragment(p, filesystem=fs, row_groups=gs).to_table(columns=[key, data], use_threads=False)
 
         t = rows(groups)
-        if set(wanted) - set(t.column(key).to_pylist()):
-            log.warning("%s: keys not in the row groups of split %d+%d; reading the whole file", path, start, length)
-            t = pa.concat_tables([t, rows([g for g in range(meta.num_row_groups) if g not in set(groups)])])
         index = {i: n for n, i in enumerate(t.column(key).to_pylist())}
+        if any(i not in index for i in wanted):
+            log.warning("%s: keys not in the row groups of split %d+%d; reading the whole file", path, start, length)
+            t = pa.concat_tables([t, rows(sorted(set(range(meta.num_row_groups)) - set(groups)))])
+            index = {i: n for n, i in enumerate(t.column(key).to_pylist())}
         gone = set(wanted) - set(index)
         if gone:
             raise FileNotFoundError(f"{path}: no row for {len(gone)} key(s) (e.g. {sorted(gone)[0]!r}); the file "

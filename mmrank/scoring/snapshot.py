@@ -95,9 +95,9 @@ def raw_files(lh, table: str) -> tuple[list[str], int] | None:
     """(data files, bytes) of a feature table when they can be read as plain Parquet
     (`Lakehouse.parquet_readable`); None otherwise. File names only reach the driver (they grow with the files,
     not the rows)."""
-    if not lh.parquet_readable(table, ({key for key, _ in SIDES.values()} | {"modality", "embedding"})):
+    d = lh.parquet_readable(table, ({key for key, _ in SIDES.values()} | {"modality", "embedding"}))
+    if d is None:
         return None
-    d = lh.spark.sql(f"DESCRIBE DETAIL {lh.ident(table)}").first()
     return sorted(lh.read(table).inputFiles()), int(d["sizeInBytes"] or 0)
 
 

@@ -51,7 +51,7 @@ MEDIA_COLUMNS = {  # (source, modality) -> (bytes column, its sha256 stored at i
     ("queries", "audio"): ("query_audio", "audio_hash")}
 ENCODE_SCHEMA = ("source string, id string, modality string, content_hash string, "
                  "embedding array<float>, error string, payload string")
-ENCODE_COLUMNS = ["source", "id", "modality", "content_hash", "embedding", "error", "payload"]
+ENCODE_COLUMNS = [c.split()[0] for c in ENCODE_SCHEMA.split(", ")]
 PAYLOAD_CHARS = 200
 
 
@@ -125,7 +125,7 @@ def with_bytes(lh: Lakehouse, todo: DataFrame, counts: dict[str, int], n_parts: 
                 continue
             keys = todo.where((F.col("source") == source) & (F.col("modality") == m))
             most = n >= counts.get(f"unchanged_{source}_{m}", 0)
-            if most and lh.parquet_readable(source, (key, data)):
+            if most and lh.parquet_readable(source, (key, data)) is not None:
                 by_split.append(with_refs(keys, lh.read(source), key)
                                 .withColumn("data", F.lit(None).cast("binary")).select(*cols))
                 continue
