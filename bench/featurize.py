@@ -1,4 +1,4 @@
-"""Benchmark: encoder throughput through the Spark job path (mapInPandas) vs the same encoder called directly,
+"""Benchmark: encoder throughput through the Spark job path (mapInArrow) vs the same encoder called directly,
 and the cost of an incremental featurize night.
 
     python bench/featurize.py [--n 4096] [--repeats 1] [--incremental 4096] [--modalities text,image,audio]
@@ -9,13 +9,15 @@ or the lakehouse `products` when it has `--n` rows), the same encoder batches (f
 same cores. Spark: local[T], 1 torch thread per task; the items are written to a `products` Delta table (as
 the DataFrame's T partitions write it: T files), and the stage's own path runs from there: `with_bytes` (text
 in T partitions; images and clips as (file, split) references, one task per split, each reading its items'
-bytes from the table's Parquet files) cached, then `featurize.encode_frame` to the last embedding (`noop`
-sink); beside it, the same path with an encoder that computes nothing (the inputs reaching Python alone,
+bytes from the table's Parquet files, streamed) cached, then `featurize.encode_frame` to the last embedding
+(`noop` sink); beside it, the same path with an encoder that computes nothing (the inputs reaching Python alone,
 media bytes read included). Direct, without Spark, the better of: 1 process x T torch threads, and T spawned
 processes x 1 thread each encoding its share side by side; once on the items already in memory (the model
 alone), once reading them first from the same table's Parquet files with pyarrow (what a direct job over the
 table does; the processes split the row groups). Each path is warmed up first (models loaded in every Python
-worker and process: a small slice of every partition / share). With a GPU visible, the direct path is also
+worker and process: a small slice of every partition / share). With `--repeats R`, R rounds each run every
+path once, in turn, so that a machine's drift over minutes hits all paths alike; the table gives each path's
+best round and, per round, Spark / best direct of that round (the spread says what is noise). With a GPU visible, the direct path is also
 measured on cuda.
 
 Incremental (`--incremental N`, 0 = skip): a generated catalog of N products (+ N/10 queries) is ingested
@@ -129,22 +131,23 @@ def time_spark(df, cfg: FeaturesConf) -> float:
     return _timed(lambda: encode_frame(df, cfg).write.format("noop").mode("overwrite").save())
 
 
-def _touch(batches):
-    """A mapInPandas function that takes each batch's items as the encoder would (media bytes read from their
-    files) and computes nothing."""
-    from mmrank.media_files import MediaReader
-    from mmrank.stages.featurize import encoder_inputs
+def _touch(cfg: FeaturesConf):
+    """A mapInArrow function that takes each task's items as the encoder would (`featurize.task_items`: media
+    bytes read from their files) and computes nothing."""
+    def run(batches):
+        import pyarrow as pa
 
-    media = MediaReader()
-    for pdf in batches:
-        for (source, modality), part in pdf.groupby(["source", "modality"], sort=False):
-            encoder_inputs(part, source, modality, media)
-        yield pdf.iloc[:0][["id"]]
+        from mmrank.stages.featurize import task_items
+
+        for _ in task_items(batches, cfg):
+            pass
+        yield pa.RecordBatch.from_pylist([], schema=pa.schema([("id", pa.string())]))
+    return run
 
 
-def time_transfer(df) -> float:
+def time_transfer(df, cfg: FeaturesConf) -> float:
     """The Spark path without the encoder: the items reaching Python alone (the path's own cost)."""
-    return _timed(lambda: df.mapInPandas(_touch, "id string").write.format("noop").mode("overwrite").save())
+    return _timed(lambda: df.mapInArrow(_touch(cfg), "id string").write.format("noop").mode("overwrite").save())
 
 
 def stage_input(lh, modality: str, data: list, threads: int):
@@ -180,10 +183,12 @@ def throughput(lh, items: dict[str, list], source: str, cpu: FeaturesConf, threa
 
     rows = [f"Items: {source}, n={len(items[modalities[0]])} per modality; Spark local[{threads}] x 1 torch thread per "
             f"task vs direct (best of 1 process x {threads} torch threads and {threads} processes x 1 thread).",
-            "", "| encoder | dim | batch | Spark items/s | direct 1 proc x T threads | direct T procs x 1 thread "
-            "| Spark / best direct (items in memory) | direct 1 proc x T threads incl. reading the table "
-            "| direct T procs x 1 thread incl. reading the table | Spark / best direct incl. reading "
-            "| Spark inputs alone, items/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            f"Each of {repeats} round(s) runs every path once, in turn (drift hits all paths alike); best round "
+            "per path, and Spark / best direct within each round.",
+            "", "| encoder | dim | batch | n | Spark items/s | direct 1 proc x T threads | direct T procs x 1 thread "
+            "| Spark / best direct (items in memory) | same, per round | direct 1 proc x T threads incl. reading the "
+            "table | direct T procs x 1 thread incl. reading the table | Spark / best direct incl. reading "
+            "| Spark inputs alone, items/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     gpu_rows = []
     for m in modalities:
         data = items[m]
@@ -191,24 +196,27 @@ def throughput(lh, items: dict[str, list], source: str, cpu: FeaturesConf, threa
         df = stage_input(lh, m, data, threads)
         # warm-up: a slice of every partition, so every Python worker starts and loads its encoder
         time_spark(df.sample(fraction=min(1.0, 2 * enc.batch_size * threads / len(data)), seed=0), cpu)
-        t_spark = min(time_spark(df, cpu) for _ in range(repeats))
-        t_transfer = min(time_transfer(df) for _ in range(max(2, repeats)))
-        df.unpersist()
         set_threads(threads)
         encode_all(enc, data[: 2 * enc.batch_size])
-        t_threads = min(_timed(lambda: encode_all(enc, data)) for _ in range(repeats))
         cuts = np.linspace(0, len(data), threads + 1).astype(int)
         shards = [(m, cpu.model_dump_json(), data[a:b]) for a, b in zip(cuts, cuts[1:])]
-        t_procs = min(side_by_side(shard_work, shards) for _ in range(repeats))
         files, column = sorted(lh.read("products").inputFiles()), MEDIA_COLUMNS.get(("products", m), ("title",))[0]
-        t_read_threads = min(_timed(lambda: encode_all(enc, read_inputs(files, column))) for _ in range(repeats))
         shares = [(m, cpu.model_dump_json(), files, column, k, threads) for k in range(threads)]
-        t_read_procs = min(side_by_side(read_shard_work, shares) for _ in range(repeats))
+        paths = {"spark": lambda: time_spark(df, cpu), "transfer": lambda: time_transfer(df, cpu),
+                 "threads": lambda: _timed(lambda: encode_all(enc, data)),
+                 "procs": lambda: side_by_side(shard_work, shards),
+                 "read_threads": lambda: _timed(lambda: encode_all(enc, read_inputs(files, column))),
+                 "read_procs": lambda: side_by_side(read_shard_work, shares)}
+        rounds = [{k: run() for k, run in paths.items()} for _ in range(repeats)]  # interleaved: drift hits all
+        df.unpersist()
+        t = {k: min(r[k] for r in rounds) for k in paths}
+        per_round = ", ".join(f"{min(r['threads'], r['procs']) / r['spark']:.2f}x" for r in rounds)
         n = len(data)
-        rows.append(f"| {m}: {enc.name} ({enc.version}) | {enc.dim} | {enc.batch_size} | {n / t_spark:.1f} | "
-                    f"{n / t_threads:.1f} | {n / t_procs:.1f} | {min(t_threads, t_procs) / t_spark:.2f}x | "
-                    f"{n / t_read_threads:.1f} | {n / t_read_procs:.1f} | "
-                    f"{min(t_read_threads, t_read_procs) / t_spark:.2f}x | {n / t_transfer:.0f} |")
+        rows.append(f"| {m}: {enc.name} ({enc.version}) | {enc.dim} | {enc.batch_size} | {n} | {n / t['spark']:.1f} | "
+                    f"{n / t['threads']:.1f} | {n / t['procs']:.1f} | "
+                    f"{min(t['threads'], t['procs']) / t['spark']:.2f}x | {per_round} | "
+                    f"{n / t['read_threads']:.1f} | {n / t['read_procs']:.1f} | "
+                    f"{min(t['read_threads'], t['read_procs']) / t['spark']:.2f}x | {n / t['transfer']:.0f} |")
         print(rows[-1], flush=True)
         if gpu_cfg is not None:
             g = get_encoder(m, gpu_cfg)

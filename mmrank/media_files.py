@@ -10,9 +10,11 @@ byte is read by the JVM scan, shuffled (written and read again) and copied into 
    128 MB-sized ranges Spark's own scan tasks read).
 2. The rows are partitioned one split per task (`partitions.one_partition_per_value`): the tasks are Spark's
    own scan tasks, balanced as a scan is, and every split is read by one task.
-3. The task (`MediaReader`) reads its split's row groups (parquet-mr's rule: a row group belongs to the split
-   that holds its midpoint) with pyarrow, the key and bytes columns only, and picks its items' bytes by key.
-   A key not found there (a writer that placed row groups differently) is looked up in the rest of the file.
+3. The task gathers its rows' references (small: ids and paths) as they arrive, then streams its split's row
+   groups (parquet-mr's rule: a row group belongs to the split that holds its midpoint) with pyarrow, the key
+   and bytes columns only, a few hundred rows at a time, and hands each batch's wanted items to the encoder
+   (`read_items`): the split is never held whole and the bytes are still in cache when decoded. A key not
+   found there (a writer that placed row groups differently) is looked up in the rest of the file.
 
 Only for tables whose files can be read as plain Parquet (`Lakehouse.parquet_readable`: no deletion vectors
 or column mapping); otherwise the bytes travel through Spark as before.
@@ -20,7 +22,7 @@ or column mapping); otherwise the bytes travel through Spark as before.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator
 from urllib.parse import unquote
 
 import pandas as pd
@@ -32,6 +34,7 @@ from mmrank import storage
 log = logging.getLogger("mmrank.media")
 
 REF_COLUMNS = ("media_file", "media_start", "media_length")
+STREAM_BUFFER = 1 << 20  # bytes read from a data file at a time (pyarrow's buffered stream: pages, not chunks)
 
 
 def with_refs(keys: DataFrame, table: DataFrame, key: str) -> DataFrame:
@@ -61,68 +64,52 @@ def split_row_groups(meta, start: int, length: int) -> list[int]:
     return out
 
 
-class MediaReader:
-    """Per task: the bytes of items from their (file, split) references. Keeps the last split it read (a task's
-    rows come from one split but arrive in several Arrow batches)."""
+def read_items(refs: pd.DataFrame, key: str, data: str, batch_rows: int) -> Iterator[tuple[pd.DataFrame, list]]:
+    """The bytes of `data` for the rows of `refs` (`id` + REF_COLUMNS), streamed: each (file, split) has its row
+    groups read `batch_rows` rows at a time, and each batch read yields (the rows of `refs` whose id equals a
+    `key` in it, their bytes in the same order). A task never holds a split whole: ~`batch_rows` items plus a
+    read buffer (STREAM_BUFFER), and the encoder gets bytes still in cache. An id missing from its split's row
+    groups is looked up in the rest of the file (warning); an id not in the file raises FileNotFoundError."""
+    import pyarrow.parquet as pq
 
-    def __init__(self) -> None:
-        self._split: tuple | None = None
-        self._rows: tuple | None = None  # (key -> row position, bytes column)
+    for (path, start, length), part in refs.groupby(list(REF_COLUMNS), sort=False):
+        wanted: dict = {}
+        for pos, i in enumerate(part["id"].tolist()):
+            wanted.setdefault(i, []).append(pos)
+        fs, p = arrow_filesystem(unquote(path))  # _metadata.file_path is URL-encoded
+        with fs.open_input_file(p) as f:
+            pf = pq.ParquetFile(f, buffer_size=STREAM_BUFFER)
+            groups = split_row_groups(pf.metadata, int(start), int(length))
+            yield from _picked(pf, groups, part, wanted, key, data, batch_rows)
+            if wanted:
+                log.warning("%s: keys not in the row groups of split %d+%d; reading the whole file", path, start,
+                            length)
+                rest = sorted(set(range(pf.metadata.num_row_groups)) - set(groups))
+                yield from _picked(pf, rest, part, wanted, key, data, batch_rows)
+        if wanted:
+            raise FileNotFoundError(f"{path}: no row for {len(wanted)} key(s) (e.g. {sorted(wanted)[0]!r}); the "
+                                    "file changed or was removed while the job ran")
 
-    def fetch(self, refs: pd.DataFrame, key: str, data: str) -> list[bytes | None]:
-        """Bytes of `data` for each row of `refs` (`id` + REF_COLUMNS), in order, from the files' rows whose
-        `key` equals the row's id."""
-        refs = refs.reset_index(drop=True)
-        out: list[bytes | None] = [None] * len(refs)
-        for (path, start, length), part in refs.groupby(list(REF_COLUMNS), sort=False):
-            ids = part["id"].tolist()
-            index, values = self._load((path, int(start), int(length), key, data), ids)
-            for pos, i in zip(part.index, ids):
-                out[pos] = values[index[i]]
-        return out
 
-    def _load(self, split: tuple, wanted: Sequence[str]) -> tuple[dict, list]:
-        if self._split != split or any(i not in self._rows[0] for i in wanted):
-            self._split, self._rows = None, None  # free the last split before reading the next
-            self._split, self._rows = split, self._read(split, wanted)
-        return self._rows
-
-    @staticmethod
-    def _read(split: tuple, wanted: Sequence[str]) -> tuple[dict, list]:
-        """(key -> row position, bytes) of a split's row groups (plus the rest of the file if some wanted key is
-        not in them). Read through pyarrow's dataset fragments (2.5x faster than `ParquetFile.read_row_groups`
-        here for 32 KB values)."""
-        import pyarrow as pa
-        import pyarrow.dataset as ds
-
-        path, start, length, key, data = split
-        fmt, (fs, p) = ds.ParquetFileFormat(), arrow_filesystem(unquote(path))  # _metadata.file_path is URL-encoded
-        meta = fmt.make_fragment(p, filesystem=fs).metadata
-        groups = split_row_groups(meta, start, length)
-
-        def rows(gs: list[int]):
-            return fmt.make_fragment(p, filesystem=fs, row_groups=gs).to_table(columns=[key, data], use_threads=False)
-
-        t = rows(groups)
-        index = {i: n for n, i in enumerate(t.column(key).to_pylist())}
-        if any(i not in index for i in wanted):
-            log.warning("%s: keys not in the row groups of split %d+%d; reading the whole file", path, start, length)
-            t = pa.concat_tables([t, rows(sorted(set(range(meta.num_row_groups)) - set(groups)))])
-            index = {i: n for n, i in enumerate(t.column(key).to_pylist())}
-        gone = set(wanted) - set(index)
-        if gone:
-            raise FileNotFoundError(f"{path}: no row for {len(gone)} key(s) (e.g. {sorted(gone)[0]!r}); the file "
-                                    "changed or was removed while the job ran")
-        return index, t.column(data).to_pylist()
+def _picked(pf, groups: list[int], part: pd.DataFrame, wanted: dict, key: str, data: str,
+            batch_rows: int) -> Iterator[tuple[pd.DataFrame, list]]:
+    """(rows of `part`, their bytes) of each batch of `groups` that holds wanted keys; found keys leave `wanted`."""
+    if not groups:
+        return
+    for batch in pf.iter_batches(batch_rows, row_groups=groups, columns=[key, data], use_threads=False):
+        hits = [(j, pos) for j, k in enumerate(batch.column(0).to_pylist()) for pos in wanted.pop(k, ())]
+        if hits:
+            values = batch.column(1)
+            yield part.iloc[[pos for _, pos in hits]], [values[j].as_py() for j, _ in hits]
 
 
 def arrow_filesystem(path: str):
-    """(pyarrow file system, path inside it) of a data file: pyarrow's own (memory-mapped) for local files, the
+    """(pyarrow file system, path inside it) of a data file: pyarrow's own for local files, the
     configured fsspec one (`storage.filesystem`) wrapped for remote stores."""
     from pyarrow import fs as pafs
 
     local = storage.local_path(path)
     if local is not None:
-        return pafs.LocalFileSystem(use_mmap=True), local
+        return pafs.LocalFileSystem(), local
     fs, p = storage.filesystem(path)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), p

@@ -154,7 +154,7 @@ def test_with_bytes_delivers_each_modality_in_partitions_of_its_own(flh, changed
     the products' files (or per share of a split, when the splits are fewer than `n_parts`), rows carrying
     (file, split) references from which the task reads each item's own bytes (no bytes through Spark); when few
     did, `n_parts` partitions of rows joined with their bytes."""
-    from mmrank.media_files import REF_COLUMNS, MediaReader
+    from mmrank.media_files import REF_COLUMNS, read_items
 
     lh = flh
     imgs = {f"p{i}": image_bytes((40 * i, 90, 30), seed=i) for i in range(4)}
@@ -177,7 +177,8 @@ def test_with_bytes_delivers_each_modality_in_partitions_of_its_own(flh, changed
         assert splits["media_file"].nunique() >= 2 and media["pid"].nunique() >= len(splits)
         assert rows["pid"].nunique() == got.rdd.getNumPartitions()  # no empty task
         image = media[media["modality"] == "image"]
-        fetched = dict(zip(image["id"], MediaReader().fetch(image, "product_id", "image_bytes")))
+        fetched = {i: b for rows, items in read_items(image, "product_id", "image_bytes", 2)
+                   for i, b in zip(rows["id"], items)}
     else:
         assert media["media_file"].isna().all() and got.rdd.getNumPartitions() == 3 * 3
         fetched = dict(zip(media["id"][media["modality"] == "image"], media["data"][media["modality"] == "image"]))

@@ -13,9 +13,19 @@ import pytest
 from pyspark.sql import functions as F
 
 from mmrank import storage
-from mmrank.media_files import REF_COLUMNS, MediaReader, split_row_groups, with_refs
+from mmrank.media_files import REF_COLUMNS, read_items, split_row_groups, with_refs
 
 N = 240
+
+
+def read_all(refs: pd.DataFrame, batch_rows: int = 7) -> tuple[dict[str, bytes], list[int]]:
+    """{id: bytes} of every row `read_items` yields (each id once), and the size of each yield."""
+    got, sizes = {}, []
+    for rows, items in read_items(refs, "key", "blob", batch_rows):
+        assert len(rows) == len(items) and not set(rows["id"]) & set(got)
+        got.update(zip(rows["id"], items))
+        sizes.append(len(items))
+    return got, sizes
 
 
 @contextmanager
@@ -67,11 +77,11 @@ def test_every_key_is_read_from_the_split_spark_gave_it(media_table, caplog):
         groups = [g for _, s in per_file.iterrows()
                   for g in split_row_groups(meta, s["media_start"], s["media_length"])]
         assert meta.num_row_groups >= 6 and sorted(groups) == list(range(meta.num_row_groups))
-    reader = MediaReader()
     with caplog.at_level(logging.WARNING, logger="mmrank.media"):
         shuffled = refs.sample(frac=1.0, random_state=0)  # rows of several splits, interleaved
-        got = reader.fetch(shuffled, "key", "blob")
-    assert [bytes(b) for b in got] == [blobs[k] for k in shuffled["id"]]
+        got, sizes = read_all(shuffled)
+    assert got == {k: blobs[k] for k in shuffled["id"]}
+    assert max(sizes) <= 7 and len(sizes) >= N // 7  # streamed: never more than batch_rows items at a time
     assert not [r for r in caplog.records if r.name == "mmrank.media"]
 
 
@@ -83,8 +93,8 @@ def test_a_key_outside_its_split_is_found_in_the_rest_of_the_file(media_table, c
     far = refs[(refs["media_file"] == row["media_file"].iloc[0]) & (refs["media_start"] != row["media_start"].iloc[0])]
     row[["media_start", "media_length"]] = far[["media_start", "media_length"]].iloc[0].to_numpy()
     with caplog.at_level(logging.WARNING, logger="mmrank.media"):
-        assert bytes(MediaReader().fetch(row, "key", "blob")[0]) == blobs[row["id"].iloc[0]]
+        assert read_all(row)[0] == {row["id"].iloc[0]: blobs[row["id"].iloc[0]]}
     assert any("reading the whole file" in r.getMessage() for r in caplog.records)
     row["id"] = "not-a-key"
     with pytest.raises(FileNotFoundError, match="no row for 1 key"):
-        MediaReader().fetch(row, "key", "blob")
+        read_all(row)

@@ -35,7 +35,7 @@ from mmrank.config import FeaturesConf
 from mmrank.encoders.device import set_threads, task_threads
 from mmrank.encoders.registry import encoder_identity, get_encoder
 from mmrank.lakehouse import Lakehouse, sql_date
-from mmrank.media_files import REF_COLUMNS, MediaReader, split_of, with_refs
+from mmrank.media_files import REF_COLUMNS, read_items, split_of, with_refs
 from mmrank.modalities import PRODUCT_MODALITIES, QUERY_MODALITIES
 from mmrank.partitions import one_partition_per_value
 from mmrank.runs import StageRun
@@ -53,6 +53,7 @@ ENCODE_SCHEMA = ("source string, id string, modality string, content_hash string
                  "embedding array<float>, error string, payload string")
 ENCODE_COLUMNS = [c.split()[0] for c in ENCODE_SCHEMA.split(", ")]
 PAYLOAD_CHARS = 200
+STREAM_BATCHES = 8  # model batches of media read from their files at a time (`task_items`)
 
 
 def _nonblank(c: str) -> Column:
@@ -147,17 +148,26 @@ def with_bytes(lh: Lakehouse, todo: DataFrame, counts: dict[str, int], n_parts: 
     return reduce(DataFrame.unionByName, parts)
 
 
-def encoder_inputs(part: pd.DataFrame, source: str, modality: str, media: MediaReader) -> list:
-    """The encoder inputs of one (source, modality) batch: texts, bytes, or bytes read from their files."""
-    if modality == "text":
-        return part["text"].tolist()
-    items = part["data"].tolist()
-    if "media_file" in part.columns:
-        refs = part["media_file"].notna().to_numpy()
-        if refs.any():
-            fetched = iter(media.fetch(part[refs], FEATURE_TABLES[source][1], MEDIA_COLUMNS[source, modality][0]))
-            items = [next(fetched) if r else x for x, r in zip(items, refs)]
-    return items
+def task_items(batches: Iterator, cfg: FeaturesConf) -> Iterator[tuple[str, str, pd.DataFrame, list]]:
+    """(source, modality, rows, encoder inputs) of a task's Arrow batches of `with_bytes` rows: texts and joined
+    bytes as the batches arrive; items with (file, split) references once the task's input is in, their bytes
+    streamed from their files STREAM_BATCHES model batches at a time (`media_files.read_items`; the held rows
+    are ids and paths, not bytes)."""
+    held = []
+    for batch in batches:
+        pdf = batch.to_pandas()
+        refs = pdf["media_file"].notna() if "media_file" in pdf.columns else None
+        if refs is not None and refs.any():
+            held.append(pdf[refs])
+            pdf = pdf[~refs]
+        for (source, modality), part in pdf.groupby(["source", "modality"], sort=False):
+            yield source, modality, part, part["text" if modality == "text" else "data"].tolist()
+    if held:
+        for (source, modality), part in pd.concat(held).groupby(["source", "modality"], sort=False):
+            rows = STREAM_BATCHES * getattr(cfg, modality).batch_size
+            data = MEDIA_COLUMNS[source, modality][0]
+            for got, items in read_items(part, FEATURE_TABLES[source][1], data, rows):
+                yield source, modality, got, items
 
 
 def encoded_batch(source: str, modality: str, part: pd.DataFrame, vecs: list, errors: list, items: list):
@@ -182,19 +192,15 @@ def encoded_batch(source: str, modality: str, part: pd.DataFrame, vecs: list, er
 
 def encode_batches(cfg: FeaturesConf) -> Callable[[Iterator], Iterator]:
     """The `mapInArrow` function: (source, id, modality, text, data, content_hash[, REF_COLUMNS]) ->
-    ENCODE_SCHEMA rows (an item with references is read from its file here, `mmrank.media_files`).
+    ENCODE_SCHEMA rows (items with references are read from their files here, `task_items`).
 
     Runs in Spark Python workers: encoders come from the per-process cache (loaded once per worker).
     """
     def _run(batches: Iterator) -> Iterator:
         set_threads(task_threads(cfg.torch_threads))
-        media = MediaReader()
-        for batch in batches:
-            pdf = batch.to_pandas()
-            for (source, modality), part in pdf.groupby(["source", "modality"], sort=False):
-                items = encoder_inputs(part, source, modality, media)
-                vecs, errors = get_encoder(modality, cfg).encode_safe(items)
-                yield encoded_batch(source, modality, part, vecs, errors, items)
+        for source, modality, part, items in task_items(batches, cfg):
+            vecs, errors = get_encoder(modality, cfg).encode_safe(items)
+            yield encoded_batch(source, modality, part, vecs, errors, items)
     return _run
 
 
