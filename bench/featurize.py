@@ -10,15 +10,15 @@ same cores. Spark: local[T], 1 torch thread per task; the items are written to a
 the DataFrame's T partitions write it: T files), and the stage's own path runs from there: `with_bytes` (text
 in T partitions; images and clips as (file, split) references, one task per split, each reading its items'
 bytes from the table's Parquet files, streamed) cached, then `featurize.encode_frame` to the last embedding
-(`noop` sink); beside it, the same path with an encoder that computes nothing (the inputs reaching Python alone,
-media bytes read included). Direct, without Spark, the better of: 1 process x T torch threads, and T spawned
+(`noop` sink); beside it, the same path with an encoder that computes nothing (the inputs reaching Python
+alone, media bytes read included). Direct, without Spark, the better of: 1 process x T torch threads, and T spawned
 processes x 1 thread each encoding its share side by side; once on the items already in memory (the model
 alone), once reading them first from the same table's Parquet files with pyarrow (what a direct job over the
 table does; the processes split the row groups). Each path is warmed up first (models loaded in every Python
 worker and process: a small slice of every partition / share). With `--repeats R`, R rounds each run every
 path once, in turn, so that a machine's drift over minutes hits all paths alike; the table gives each path's
-best round and, per round, Spark / best direct of that round (the spread says what is noise). With a GPU visible, the direct path is also
-measured on cuda.
+best round and, per round, Spark / best direct of that round (the spread says what is noise). With a GPU
+visible, the direct path is also measured on cuda.
 
 Incremental (`--incremental N`, 0 = skip): a generated catalog of N products (+ N/10 queries) is ingested
 and featurized in full (timed), then 1% of the products get a new title and 1% a new image (MERGEd like an

@@ -93,9 +93,8 @@ def read_items(refs: pd.DataFrame, key: str, data: str, batch_rows: int) -> Iter
 
 def _picked(pf, groups: list[int], part: pd.DataFrame, wanted: dict, key: str, data: str,
             batch_rows: int) -> Iterator[tuple[pd.DataFrame, list]]:
-    """(rows of `part`, their bytes) of each batch of `groups` that holds wanted keys; found keys leave `wanted`."""
-    if not groups:
-        return
+    """(rows of `part`, their bytes) of each batch of `groups` that holds wanted keys; found keys leave `wanted`
+    (no row groups, no batches)."""
     for batch in pf.iter_batches(batch_rows, row_groups=groups, columns=[key, data], use_threads=False):
         hits = [(j, pos) for j, k in enumerate(batch.column(0).to_pylist()) for pos in wanted.pop(k, ())]
         if hits:

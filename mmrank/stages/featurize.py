@@ -13,10 +13,10 @@ items to encode get their bytes: on a full night the encoder tasks read them fro
 files themselves (`with_bytes`, `mmrank.media_files`), else they are joined in Spark. Rows whose hash is
 already in the feature table are skipped; the rest go through one `mapInArrow` (encoders loaded once per
 Python worker, Arrow batches split into `batch_size` model batches, torch threads = cores per Spark task).
-Items the encoder rejects (corrupt image,
-empty/unreadable audio, empty/over-long text) become quarantine rows for (run_date, featurize); feature rows of
-products/queries or modalities that disappeared, or whose new content failed to encode, are deleted by the same
-MERGE, whose source is the new embeddings plus the keys to delete (never the unchanged rows).
+Items the encoder rejects (corrupt image, empty/unreadable audio, empty/over-long text) become quarantine rows
+for (run_date, featurize); feature rows of products/queries or modalities that disappeared, or whose new
+content failed to encode, are deleted by the same MERGE, whose source is the new embeddings plus the keys to
+delete (never the unchanged rows).
 """
 from __future__ import annotations
 
